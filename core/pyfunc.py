@@ -1,0 +1,117 @@
+"""The MLflow pyfunc flavour of a tuneops version: base model by reference plus a LoRA adapter.
+
+`mlflow.pyfunc.load_model("models:/NAME/VERSION").predict(["question", ...])` answers offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from core.registry import ADAPTER_DIR, MANIFEST_FILE, Manifest
+
+
+class AdapterModel(mlflow.pyfunc.PythonModel):
+    """Loads the referenced base model, checks its digest, attaches the adapter and generates greedily."""
+
+    def load_context(self, context: Any) -> None:
+        import torch
+        from peft import PeftModel
+
+        from core.device import choose_device, choose_dtype
+        from core.errors import ModelError
+        from core.models import load_causal_lm, load_tokenizer, resolve_base_model
+
+        root = Path(context.artifacts["bundle"])
+        self.manifest = Manifest.read(root / MANIFEST_FILE)
+        base = resolve_base_model(self.manifest.base_model)
+        if base.digest != self.manifest.base_digest:
+            raise ModelError(
+                f"base model {base.name} has digest {base.digest}, but this version was trained on "
+                f"{self.manifest.base_digest}"
+            )
+        self.device = choose_device("auto")
+        self.tokenizer = load_tokenizer(root / ADAPTER_DIR)
+        model = load_causal_lm(base, self.device, choose_dtype("auto", self.device))
+        self.model = PeftModel.from_pretrained(model, root / ADAPTER_DIR).eval()
+        self._torch = torch
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+        from core.chat import prompt_ids
+
+        params = params or {}
+        max_new = int(params.get("max_new_tokens", 128))
+        prompts = _as_message_lists(model_input)
+        outputs = []
+        for messages in prompts:
+            ids = prompt_ids(self.tokenizer, messages, self.manifest.chat_template, self.manifest.system_prompt)
+            x = self._torch.tensor([ids], device=self.device)
+            with self._torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=x,
+                    attention_mask=self._torch.ones_like(x),
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    eos_token_id=self.tokenizer.convert_tokens_to_ids(self.manifest.eos_token),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            outputs.append(self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+        return outputs
+
+
+def _as_message_lists(model_input: Any) -> list[list[dict[str, str]]]:
+    """Accept a string, a list of strings, a list of chats, or a DataFrame with `prompt` or `messages`."""
+    if hasattr(model_input, "columns"):
+        if "messages" in model_input.columns:
+            return [list(m) for m in model_input["messages"]]
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        model_input = list(model_input[column])
+    if isinstance(model_input, str):
+        model_input = [model_input]
+    out = []
+    for item in model_input:
+        if isinstance(item, str):
+            out.append([{"role": "user", "content": item}])
+        else:
+            out.append([dict(m) for m in item])
+    return out
+
+
+def log_version_model(bundle: Path, pip_requirements: list[str]) -> Any:
+    """Log the bundle (manifest + adapter) as a pyfunc model on the active run; returns its ModelInfo."""
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(["What is a building permit?"], ["An answer."], params={"max_new_tokens": 128})
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=AdapterModel(),
+        artifacts={"bundle": str(bundle)},
+        pip_requirements=pip_requirements,
+        signature=signature,
+    )
+
+
+def write_bundle(dest: Path, adapter_model: Any, tokenizer: Any, manifest: Manifest) -> Path:
+    """Write what a version consists of: the adapter (safetensors), its tokenizer, and the manifest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    adapter_model.save_pretrained(dest / ADAPTER_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(dest / ADAPTER_DIR)
+    (dest / MANIFEST_FILE).write_text(manifest.to_json())
+    return dest
+
+
+def publish_version(
+    bundle: Path, model_name: str, tags: dict[str, str] | None = None, pip_requirements: list[str] | None = None
+) -> Any:
+    """Log the bundle as a pyfunc model on the active run and register it; returns the new ModelVersion."""
+    import mlflow
+
+    from core.registry import library_versions
+
+    libs = library_versions()
+    reqs = pip_requirements or [f"{k}=={v}" for k, v in libs.items() if k != "tuneops"]
+    info = log_version_model(bundle, reqs)
+    mv = mlflow.register_model(info.model_uri, model_name, tags=tags or {})
+    return mv

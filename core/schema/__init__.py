@@ -1,0 +1,1 @@
+"""Pydantic schemas of the job file, one module per concern."""

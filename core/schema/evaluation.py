@@ -1,0 +1,35 @@
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from core.schema.base import Section
+
+Suite = Literal["quality", "crows", "bbq", "counterfactual"]
+
+
+class EvaluationConfig(Section):
+    suites: list[Suite] = Field(
+        default_factory=lambda: ["quality", "crows", "bbq", "counterfactual"],
+        description="What to measure: held-out quality and the three bias suites.",
+    )
+    extra_files: list[Path] = Field(
+        default_factory=list, description="More evaluation data files, in any training data shape."
+    )
+    crows_path: Path | None = Field(None, description="CrowS-Pairs-format CSV; default the shipped suite.")
+    bbq_path: Path | None = Field(None, description="BBQ-format JSONL; default the shipped suite.")
+    counterfactual_path: Path | None = Field(
+        None, description="Counterfactual prompt templates (JSONL); default the shipped suite."
+    )
+    max_examples: int = Field(64, ge=1, description="Held-out items scored for quality, at most.")
+    max_new_tokens: int = Field(96, ge=1, le=4096, description="Longest greedy answer when generating.")
+    batch_size: int = Field(16, ge=1, description="Items scored or generated per forward pass.")
+    compare_base: bool = Field(True, description="Also measure the base model on the same items.")
+    compare_production: bool = Field(True, description="Also measure the current production version.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Resamples for confidence intervals of gates.")
+    gates: list[str] = Field(
+        default_factory=list,
+        description="Thresholds such as `rougeL >= 0.2`, `perplexity <= 0.9 * base`, "
+        "`crows_pct_stereotype <= base + 2`; all must pass for promotion.",
+    )
+    on_train: bool = Field(True, description="Run at the end of `tuneops train` when this section is present.")

@@ -1,0 +1,51 @@
+import mlflow
+import pytest
+
+from core.errors import RegistryError
+from core.registry import PRODUCTION, alias_history, connect, move_alias, resolve_version
+
+
+def test_version_is_a_real_pyfunc_model_that_generates(make_version):
+    ref = make_version()
+    model = mlflow.pyfunc.load_model(ref.uri)
+    out = model.predict(["Hello there"], params={"max_new_tokens": 5})
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+
+
+def test_refs_resolve_by_version_alias_and_run(make_version, mlflow_store):
+    v1 = make_version(seed=1)
+    v2 = make_version(seed=2)
+    client = connect(mlflow_store)
+    assert (v1.version, v2.version) == ("1", "2")
+    move_alias(client, "tiny-model", PRODUCTION, "2", reason="test")
+    assert resolve_version(client, "tiny-model").version == "2"
+    assert resolve_version(client, "tiny-model@production").version == "2"
+    assert resolve_version(client, "tiny-model/1").version == "1"
+    assert resolve_version(client, v1.run_id).version == "1"
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("nope", "no registered model named 'nope'"),
+        ("tiny-model@staging", "has no alias 'staging'"),
+        ("tiny-model/9", "has no version 9"),
+        ("bad ref!", "is not a model reference"),
+        ("0" * 32, "registered no model version"),
+    ],
+)
+def test_bad_refs_are_clear_errors(make_version, mlflow_store, ref, message):
+    make_version()
+    with pytest.raises(RegistryError, match=message):
+        resolve_version(connect(mlflow_store), ref)
+
+
+def test_alias_moves_are_recorded_in_order(make_version, mlflow_store):
+    make_version(seed=1)
+    make_version(seed=2)
+    client = connect(mlflow_store)
+    move_alias(client, "tiny-model", PRODUCTION, "1", reason="first")
+    move_alias(client, "tiny-model", PRODUCTION, "2", reason="second", evaluation_run="abc")
+    history = alias_history(client, "tiny-model")
+    assert [(m.version, m.previous, m.reason) for m in history] == [("1", None, "first"), ("2", "1", "second")]
+    assert history[1].evaluation_run == "abc"
