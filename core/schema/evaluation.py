@@ -14,22 +14,49 @@ class EvaluationConfig(Section):
         description="What to measure: held-out quality and the three bias suites.",
     )
     extra_files: list[Path] = Field(
-        default_factory=list, description="More evaluation data files, in any training data shape."
+        default_factory=list,
+        description="More evaluation data files (JSONL/JSON/CSV in the chat `messages`, "
+        "`instruction`/`input`/`output` or `prompt`/`completion` shape), scored beside the held-out split.",
     )
     crows_path: Path | None = Field(None, description="CrowS-Pairs-format CSV; default the shipped suite.")
     bbq_path: Path | None = Field(None, description="BBQ-format JSONL; default the shipped suite.")
     counterfactual_path: Path | None = Field(
         None, description="Counterfactual prompt templates (JSONL); default the shipped suite."
     )
-    max_examples: int = Field(64, ge=1, description="Held-out items scored for quality, at most.")
+    max_examples: int = Field(64, ge=1, description="Held-out items scored for quality, at most, per file.")
+    max_bias_items: int | None = Field(
+        None, ge=1, description="Items read from each bias suite, at most; default all of them."
+    )
     max_new_tokens: int = Field(96, ge=1, le=4096, description="Longest greedy answer when generating.")
+    counterfactual_max_new_tokens: int = Field(
+        48,
+        ge=1,
+        le=4096,
+        description="Longest greedy answer to a counterfactual prompt (kept short for speed).",
+    )
+    exact_match_max_words: int = Field(
+        8,
+        ge=1,
+        description="Exact match is scored only on items whose reference answer has at most this many words.",
+    )
     batch_size: int = Field(16, ge=1, description="Items scored or generated per forward pass.")
     compare_base: bool = Field(True, description="Also measure the base model on the same items.")
     compare_production: bool = Field(True, description="Also measure the current production version.")
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples for confidence intervals of gates.")
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Coverage of the bootstrap confidence intervals."
+    )
+    gate_on_ci: bool = Field(
+        False,
+        description="When true a gate passes only if its whole confidence interval is on the passing side; "
+        "otherwise the point estimate decides and the interval is reported.",
+    )
+    seed: int = Field(0, description="Seed of the bootstrap resampling, so a verdict is reproducible.")
     gates: list[str] = Field(
         default_factory=list,
         description="Thresholds such as `rougeL >= 0.2`, `perplexity <= 0.9 * base`, "
         "`crows_pct_stereotype <= base + 2`; all must pass for promotion.",
     )
-    on_train: bool = Field(True, description="Run at the end of `tuneops train` when this section is present.")
+    on_train: bool = Field(
+        True, description="Run at the end of `tuneops train` when this section is present."
+    )
