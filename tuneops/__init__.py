@@ -1,0 +1,1 @@
+"""tuneops: fine-tune, evaluate, gate, register and serve foundation models on your own data."""

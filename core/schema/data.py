@@ -39,5 +39,8 @@ class DataConfig(Section):
     validation_path: Path | None = Field(None, description="Separate validation file instead of a split.")
     train_on_prompt: bool = Field(False, description="Count the loss on prompt tokens too, not only completions.")
     dedupe: bool = Field(True, description="Drop exact duplicate examples.")
+    on_malformed: Literal["error", "skip"] = Field(
+        "error", description="A row that cannot be parsed stops the job (`error`) or is dropped and reported."
+    )
     max_examples: int | None = Field(None, ge=1, description="Use at most this many examples (after cleaning).")
     seed: int = Field(42, description="Seed of the train/validation split.")

@@ -15,6 +15,6 @@ class RegistryConfig(Section):
     model_name: str = Field(
         "faq-assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registered model name."
     )
-    register: bool = Field(True, description="Register a model version at the end of a successful run.")
+    register_version: bool = Field(True, description="Register a model version at the end of a successful run.")
     promote: str = Field("manual", pattern="^(manual|auto)$", description="`auto` promotes when gates pass.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the registered version.")

@@ -1,0 +1,188 @@
+"""A fine-tune job from top to bottom: validate, prepare data, train LoRA, log to MLflow, register.
+
+Everything that can be checked is checked before the MLflow run starts, so bad input leaves no run behind.
+A run that fails or is interrupted is marked FAILED or KILLED and registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.config import config_hash, flatten, resolved_dict
+from core.device import choose_device, choose_dtype, dtype_name
+from core.errors import ConfigError
+from core.models import BaseModelRef, load_causal_lm, load_tokenizer, resolve_base_model
+from core.registry import Manifest, connect, git_commit, library_versions
+from core.schema.job import JobConfig
+from finetune.prepare import Prepared, prepare
+
+log = logging.getLogger(__name__)
+RUN_FILE = "tuneops-run.json"
+PARAM_LIMIT = 6000
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    experiment_id: str
+    model_name: str
+    version: str | None
+    metrics: dict[str, float]
+    tracking_uri: str
+
+
+@dataclass
+class Checked:
+    """What validation found, reused by the job so nothing is resolved twice."""
+
+    base: BaseModelRef
+    tokenizer: Any
+    data: Prepared
+
+
+def check(cfg: JobConfig) -> Checked:
+    """Resolve the base model, prepare the data, and check the output folder, without loading weights."""
+    out = cfg.training.output_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError([f"training.output_dir: {out} is not writable ({exc.strerror})"]) from None
+    base = resolve_base_model(cfg.model.base, cfg.model.revision)
+    tokenizer = load_tokenizer(base)
+    data = prepare(cfg.data, tokenizer)
+    return Checked(base, tokenizer, data)
+
+
+def _distributed_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _params(cfg: JobConfig) -> dict[str, str]:
+    """Flattened params; a value over MLflow's length limit is split into numbered parts, never cut."""
+    out: dict[str, str] = {}
+    for key, value in flatten(resolved_dict(cfg)).items():
+        if len(value) <= PARAM_LIMIT:
+            out[key] = value
+        else:
+            for i in range(0, len(value), PARAM_LIMIT):
+                out[f"{key}.part{i // PARAM_LIMIT}"] = value[i : i + PARAM_LIMIT]
+    return out
+
+
+def _start_run(client: Any, cfg: JobConfig, job_name: str, resume: bool) -> tuple[str, str]:
+    """Create the run, or reopen the one a resumed job started."""
+    import mlflow
+
+    run_file = cfg.training.output_dir / RUN_FILE
+    if resume:
+        if not run_file.is_file():
+            raise ConfigError([f"--resume: {run_file} not found; nothing to resume in training.output_dir"])
+        run_id = json.loads(run_file.read_text())["run_id"]
+        run = mlflow.start_run(run_id=run_id)
+        return run.info.run_id, run.info.experiment_id
+    experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    name = cfg.tracking.run_name or f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name)
+    run_file.write_text(json.dumps({"run_id": run.info.run_id}))
+    return run.info.run_id, run.info.experiment_id
+
+
+def _log_inputs(cfg: JobConfig, job_name: str, checked: Checked) -> None:
+    import mlflow
+    import pandas as pd
+
+    mlflow.log_params(_params(cfg))
+    mlflow.set_tags({"tuneops.job": job_name, "tuneops.config_hash": config_hash(cfg),
+                     "tuneops.base_model": checked.base.name, "tuneops.base_digest": checked.base.digest})
+    mlflow.log_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), "config/resolved.yaml")
+    mlflow.log_dict(checked.data.report.to_dict(), "data/report.json")
+    validation = "\n".join(json.dumps({"messages": t.messages}) for t in checked.data.validation)
+    mlflow.log_text(validation + "\n" if validation else "", "data/validation.jsonl")
+    source = ", ".join(checked.data.report.files)
+    for split, rows in (("train", checked.data.train), ("validation", checked.data.validation)):
+        if not rows:
+            continue
+        frame = pd.DataFrame({"messages": [json.dumps(r.messages) for r in rows],
+                              "source": [r.source for r in rows]})
+        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{job_name}-{split}")
+        mlflow.log_input(dataset, context=split)
+
+
+def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checked | None = None) -> JobResult:
+    """Train one job; returns the run and the registered version."""
+    import mlflow
+
+    from core.pyfunc import publish_version, write_bundle
+    from finetune.callbacks import MlflowMetrics, Progress, Throughput
+    from finetune.recipe import attach_lora, make_trainer
+
+    client = connect(cfg.tracking.tracking_uri)  # fails fast on an unreachable server
+    checked = checked or check(cfg)
+    log.info("data: %s", checked.data.report.summary())
+    device = choose_device(cfg.model.device)
+    dtype = choose_dtype(cfg.model.dtype, device)
+    main = _distributed_rank() == 0
+
+    run_id, experiment_id = ("", "")
+    if main:
+        run_id, experiment_id = _start_run(client, cfg, job_name, resume)
+    try:
+        if main and not resume:
+            _log_inputs(cfg, job_name, checked)
+        log.info("loading %s on %s in %s", checked.base.name, device, dtype_name(dtype))
+        base = load_causal_lm(checked.base, device, dtype, cfg.model.quantization, cfg.model.trust_remote_code)
+        model = attach_lora(base, cfg)
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+        callbacks = [Throughput(), Progress()] + ([MlflowMetrics(client, run_id)] if main else [])
+        trainer = make_trainer(cfg, model, checked.tokenizer, checked.data.train, checked.data.validation,
+                               cfg.training.output_dir / "checkpoints", device, dtype, callbacks)
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
+        if checked.data.validation:
+            metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, int | float)})
+        version = None
+        if main:
+            mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items()})
+            manifest = Manifest(
+                base_model=checked.base.name,
+                base_digest=checked.base.digest,
+                chat_template=checked.tokenizer.chat_template,
+                eos_token=checked.tokenizer.eos_token,
+                system_prompt=cfg.data.system_prompt,
+                max_length=cfg.data.max_length,
+                config_hash=config_hash(cfg),
+                job_name=job_name,
+                libraries=library_versions(),
+                git_commit=git_commit(),
+            )
+            bundle = write_bundle(cfg.training.output_dir / "final", trainer.model, checked.tokenizer, manifest)
+            mlflow.log_artifacts(str(bundle / "adapter"), "adapter")
+            mlflow.log_text(manifest.to_json(), "manifest.json")
+            if cfg.registry.register_version:
+                tags = {"tuneops.config_hash": manifest.config_hash, "tuneops.base_model": manifest.base_model,
+                        **cfg.registry.tags}
+                version = str(publish_version(bundle, cfg.registry.model_name, tags=tags).version)
+                log.info("registered %s version %s", cfg.registry.model_name, version)
+            mlflow.end_run("FINISHED")
+        return JobResult(run_id, experiment_id, cfg.registry.model_name, version, metrics,
+                         mlflow.get_tracking_uri())
+    except KeyboardInterrupt:
+        if main:
+            mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        if main:
+            mlflow.end_run("FAILED")
+        raise

@@ -1,0 +1,122 @@
+"""The training recipe: LoRA on a frozen base, padding-free packing, bf16 where fast, the transformers Trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from core.device import dtype_name
+from core.schema.job import JobConfig
+from finetune.prepare import Tokenized
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+
+def attach_lora(model: PreTrainedModel, cfg: JobConfig) -> PeftModel:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.model.quantization != "none":
+        model = prepare_model_for_kbit_training(model, cfg.training.gradient_checkpointing)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    # Adapters stay in fp32 while the frozen base runs in bf16: the bf16 matmuls are the speed, fp32 the accuracy.
+    return get_peft_model(model, lora, autocast_adapter_dtype=True)
+
+
+def to_dataset(rows: list[Tokenized]) -> Dataset:
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
+
+
+def collator(cfg: JobConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.training.packing:
+        # One row per micro-batch, examples kept apart by position_ids (the Trainer sets use_cache=False).
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+
+
+def training_arguments(cfg: JobConfig, output_dir: Path, device: torch.device, dtype: torch.dtype, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    eval_on = has_eval
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=dtype_name(dtype) == "bf16",
+        fp16=dtype_name(dtype) == "fp16",
+        use_cpu=device.type == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.compile,
+        eval_strategy="steps" if eval_on else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=eval_on and t.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss" if eval_on else None,
+        greater_is_better=False if eval_on else None,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+
+
+def make_trainer(
+    cfg: JobConfig,
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Tokenized],
+    validation: list[Tokenized],
+    output_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
+
+    args = training_arguments(cfg, output_dir, device, dtype, has_eval=bool(validation))
+    if cfg.training.early_stopping_patience is not None and validation:
+        callbacks = [*callbacks, EarlyStoppingCallback(cfg.training.early_stopping_patience)]
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(train),
+        eval_dataset=to_dataset(validation) if validation else None,
+        data_collator=collator(cfg, tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer

@@ -1,0 +1,3 @@
+from tuneops.cli import main
+
+main()
