@@ -157,7 +157,8 @@ def download_version(client: MlflowClient, ref: VersionRef, dest: Path | None = 
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(dest) if dest else None))
-    candidates = [local / "artifacts", local]
+    # pyfunc `artifacts={"bundle": folder}` lands under artifacts/<folder name>/, whatever its name.
+    candidates = [local / "artifacts", local, *sorted((local / "artifacts").glob("*/"))]
     for folder in candidates:
         if (folder / MANIFEST_FILE).is_file():
             return folder
