@@ -1,0 +1,99 @@
+"""HTTP routes: authenticate, parse, hand over to `OpenAIServing`, return. No logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serve import protocol as p
+from serve.app import Gateway, gateway_of
+from serve.errors import ModelNotFound, NotReady
+from serve.middleware import request_id
+from serve.serving import parse
+
+router = APIRouter()
+
+
+def authenticated(request: Request) -> Gateway:
+    gateway = gateway_of(request)
+    gateway.keys(request.headers.get("authorization"))
+    return gateway
+
+
+def serving(request: Request) -> Gateway:
+    gateway = authenticated(request)
+    if gateway.draining:
+        raise NotReady("The server is shutting down.")
+    if not gateway.ready():
+        raise NotReady("The server is still loading its models.")
+    return gateway
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _complete(request: Request, gateway: Gateway, chat: bool) -> Response:
+    s = gateway.serving
+    req = parse(p.ChatCompletionRequest if chat else p.CompletionRequest, await request.body())
+    prep = await (s.prepare_chat(req) if chat else s.prepare_completion(req))
+    rid = request_id.get()
+    if prep.stream:
+        return StreamingResponse(s.stream(prep, rid, chat, req.model), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    body = await s.complete(prep, rid, chat, req.model, request.is_disconnected)
+    return JSONResponse(body.model_dump())
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, gateway: Gateway = Depends(serving)) -> Response:
+    return await _complete(request, gateway, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, gateway: Gateway = Depends(serving)) -> Response:
+    return await _complete(request, gateway, chat=False)
+
+
+@router.get("/v1/models")
+async def models(gateway: Gateway = Depends(authenticated)) -> p.ModelList:
+    rows = await asyncio.to_thread(gateway.directory.listing)
+    return p.ModelList(data=[p.ModelCard(id=i, created=c, parent=parent, root=parent) for i, parent, c in rows])
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, gateway: Gateway = Depends(authenticated)) -> p.ModelCard:
+    for i, parent, c in await asyncio.to_thread(gateway.directory.listing):
+        if i == model:
+            return p.ModelCard(id=i, created=c, parent=parent, root=parent)
+    raise ModelNotFound(model)
+
+
+def _probe(ok: bool, what: str) -> Response:
+    return JSONResponse({"status": "ok" if ok else what}, status_code=200 if ok else 503)
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    return _probe(True, "")
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    gateway = gateway_of(request)
+    return _probe(gateway.ready(), "draining" if gateway.draining else "loading")
+
+
+@router.get("/health/startup")
+async def startup(request: Request) -> Response:
+    return _probe(gateway_of(request).startup_done, "starting")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    gateway = gateway_of(request)
+    if not gateway.settings.open_metrics:
+        gateway.keys(request.headers.get("authorization"))
+    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)

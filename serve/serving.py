@@ -1,0 +1,320 @@
+"""OpenAI chat and text completions on the engine: validate, admit, generate, and shape the answer or the stream.
+
+Everything a request can get wrong is checked before any work (unsupported parameters, limits, context
+length). A streamed request that fails after its headers were sent ends with an SSE error event. When the
+client goes away, its rows leave the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from core.chat import prompt_ids
+from serve import protocol as p
+from serve.engine import Delta, Engine, Event, Failed, Finished, Job, SamplingParams
+from serve.errors import APIError, ContextLengthExceeded, InvalidRequest, Unsupported, sse_event
+from serve.settings import Limits
+from serve.versions import Served, VersionDirectory
+
+log = logging.getLogger(__name__)
+
+# Fields OpenAI defines that this server cannot honour, with the value(s) that mean "not used".
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "service_tier": (None, "auto", "default"),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "store": (None, False),
+}
+
+
+@dataclass
+class Prepared:
+    served: Served
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def parse(model: type[p.Strict], raw: bytes) -> Any:
+    """Body bytes -> request model; any problem is a 400 naming the offending parameter."""
+    from pydantic import ValidationError
+
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(x) for x in err["loc"] if not str(x).startswith(("str", "list[", "int", "function-"))]
+        param = ".".join(loc) or None
+        if err["type"] == "extra_forbidden":
+            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param,
+                                 code="unknown_parameter") from None
+        if err["type"] == "missing":
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param,
+                                 code="missing_required_parameter") from None
+        raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
+
+
+def refuse_unsupported(req: p.SamplingFields) -> None:
+    for name in NEUTRAL:
+        if name in type(req).model_fields and getattr(req, name) not in NEUTRAL[name]:
+            raise Unsupported(name)
+    fmt = getattr(req, "response_format", None)
+    if fmt not in (None, {"type": "text"}):
+        raise Unsupported("response_format", "other than {'type': 'text'} is not supported by this server")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+
+
+def sampling(req: p.SamplingFields, limits: Limits, prompt_len: int, max_model_len: int,
+             max_tokens: int | None) -> SamplingParams:
+    n = req.n or 1
+    if n > limits.max_n:
+        raise InvalidRequest(f"'n' may be at most {limits.max_n}.", param="n")
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"'max_tokens' may be at most {limits.max_tokens}.", param="max_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > limits.max_stop:
+        raise InvalidRequest(f"'stop' may hold at most {limits.max_stop} strings.", param="stop")
+    room = max_model_len - prompt_len
+    if max_tokens is not None and max_tokens > room:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion.", param="messages")
+    if room < 1:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens, and the prompt has {prompt_len}.",
+            param="messages")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    return SamplingParams(
+        max_tokens=max_tokens or min(limits.default_max_tokens, room),
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=tuple(stop),
+        seed=req.seed,
+        n=n,
+    )
+
+
+def chat_messages(req: p.ChatCompletionRequest) -> list[dict[str, str]]:
+    out = []
+    for i, msg in enumerate(req.messages):
+        if msg.role in ("tool", "function"):
+            raise Unsupported(f"messages[{i}].role", f"'{msg.role}' is not supported by this server")
+        extra = set(msg.model_extra or {}) - {"name"}
+        if extra:
+            raise Unsupported(f"messages[{i}].{sorted(extra)[0]}")
+        if isinstance(msg.content, list):
+            texts = []
+            for j, part in enumerate(msg.content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise Unsupported(f"messages[{i}].content[{j}]", "is not a text part; only text is supported")
+                texts.append(part["text"])
+            content = "".join(texts)
+        else:
+            content = msg.content or ""
+        out.append({"role": "system" if msg.role == "developer" else msg.role, "content": content})
+    return out
+
+
+class OpenAIServing:
+    def __init__(self, engine: Engine, directory: VersionDirectory, limits: Limits, log_prompts: bool) -> None:
+        self.engine = engine
+        self.directory = directory
+        self.limits = limits
+        self.log_prompts = log_prompts
+
+    async def served(self, model: str) -> Served:
+        found = self.directory.lookup(model)
+        return found if found is not None else await asyncio.to_thread(self.directory.resolve, model)
+
+    async def prepare_chat(self, req: p.ChatCompletionRequest) -> Prepared:
+        refuse_unsupported(req)
+        messages = chat_messages(req)
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise InvalidRequest("Set 'max_tokens' or 'max_completion_tokens', not both.",
+                                 param="max_completion_tokens")
+        served = await self.served(req.model)
+        m = served.manifest
+        try:
+            ids = prompt_ids(self.directory.tokenizer, messages, m.chat_template, m.system_prompt)
+        except Exception as exc:  # a template that rejects the conversation (e.g. roles out of order)
+            raise InvalidRequest(f"The messages cannot be rendered with the model's chat template: {exc}",
+                                 param="messages") from None
+        params = sampling(req, self.limits, len(ids), self.directory.max_model_len,
+                          req.max_completion_tokens or req.max_tokens)
+        if self.log_prompts:
+            log.info("prompt: %s", json.dumps(messages))
+        return Prepared(served, [ids], params, bool(req.stream), bool(req.stream_options and
+                                                                        req.stream_options.include_usage))
+
+    async def prepare_completion(self, req: p.CompletionRequest) -> Prepared:
+        refuse_unsupported(req)
+        prompts: list[Any] = [req.prompt] if isinstance(req.prompt, str) or (
+            req.prompt and isinstance(req.prompt[0], int)) else list(req.prompt)
+        if not prompts:
+            raise InvalidRequest("'prompt' is empty.", param="prompt")
+        if len(prompts) > self.limits.max_prompts:
+            raise InvalidRequest(f"'prompt' may hold at most {self.limits.max_prompts} prompts.", param="prompt")
+        served = await self.served(req.model)
+        tok = self.directory.tokenizer
+        ids = [list(x) if isinstance(x, list) else list(tok(x, add_special_tokens=True)["input_ids"])
+               for x in prompts]
+        if any(not x for x in ids):
+            raise InvalidRequest("'prompt' must not be empty.", param="prompt")
+        if any(t < 0 or t >= len(tok) for x in ids for t in x):
+            raise InvalidRequest("'prompt' holds a token id outside the vocabulary.", param="prompt")
+        params = sampling(req, self.limits, max(map(len, ids)), self.directory.max_model_len, req.max_tokens)
+        if self.log_prompts:
+            log.info("prompt: %s", json.dumps(prompts))
+        return Prepared(served, ids, params, bool(req.stream), bool(req.stream_options and
+                                                                      req.stream_options.include_usage))
+
+    def submit(self, prep: Prepared, request_id: str) -> tuple[asyncio.Queue[Event], list[Job]]:
+        """Queue one job per prompt; their events arrive on one asyncio queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        jobs = []
+        try:
+            for i, ids in enumerate(prep.prompts):
+                job = Job(request_id, prep.served.adapter, ids, prep.params, prep.served.eos_ids, sink,
+                          prep.served.labels, choice_offset=i * prep.params.n)
+                self.engine.submit(job, self.limits.retry_after_s)
+                jobs.append(job)
+        except APIError:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        return queue, jobs
+
+    async def events(self, queue: asyncio.Queue[Event], jobs: list[Job],
+                     disconnected: Callable[[], Any] | None = None) -> AsyncIterator[Event]:
+        """Engine events until every choice finished; cancels the jobs if the consumer stops early."""
+        remaining = sum(j.params.n for j in jobs)
+        try:
+            while remaining:
+                try:
+                    event = await asyncio.wait_for(queue.get(), 1.0)
+                except TimeoutError:
+                    if disconnected is not None and await disconnected():
+                        log.info("client disconnected; generation stopped")
+                        return
+                    continue
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Finished):
+                    remaining -= 1
+                yield event
+        finally:
+            for job in jobs:
+                job.cancelled = True
+
+    async def complete(self, prep: Prepared, request_id: str, chat: bool, name: str,
+                       disconnected: Callable[[], Any]) -> p.ChatCompletion | p.Completion:
+        queue, jobs = self.submit(prep, request_id)
+        texts: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        tokens = 0
+        async for event in self.events(queue, jobs, disconnected):
+            texts[event.index] = texts.get(event.index, "") + event.text
+            if isinstance(event, Finished):
+                reasons[event.index] = event.reason
+                tokens += event.completion_tokens
+        usage = self.usage(prep, tokens)
+        indices = sorted(reasons)
+        if chat:
+            return p.ChatCompletion(model=name, usage=usage, choices=[
+                p.ChatChoice(index=i, message=p.AssistantMessage(content=texts.get(i, "")),
+                             finish_reason=reasons[i]) for i in indices])
+        return p.Completion(model=name, usage=usage, choices=[
+            p.CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=reasons[i]) for i in indices])
+
+    @staticmethod
+    def usage(prep: Prepared, completion_tokens: int) -> p.Usage:
+        prompt = sum(len(x) for x in prep.prompts)
+        return p.Usage(prompt_tokens=prompt, completion_tokens=completion_tokens,
+                       total_tokens=prompt + completion_tokens)
+
+    def stream(self, prep: Prepared, request_id: str, chat: bool, name: str) -> AsyncIterator[str]:
+        """SSE lines; admission errors are raised here, before the response starts."""
+        queue, jobs = self.submit(prep, request_id)
+        return self._stream(prep, queue, jobs, chat, name)
+
+    async def _stream(self, prep: Prepared, queue: asyncio.Queue[Event], jobs: list[Job], chat: bool,
+                      name: str) -> AsyncIterator[str]:
+        created = int(time.time())
+        cid = p._id("chatcmpl" if chat else "cmpl")
+        usage_field = {"usage": None} if prep.include_usage else {}
+        started: set[int] = set()
+        tokens = 0
+
+        def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
+            if chat:
+                delta = p.Delta(role="assistant", content="") if first else p.Delta(content=text)
+                body: Any = p.ChatCompletionChunk(id=cid, created=created, model=name, choices=[
+                    p.ChatChunkChoice(index=index, delta=delta if text is not None or first else p.Delta(),
+                                      finish_reason=reason)])
+            else:
+                body = p.Completion(id=cid, created=created, model=name, choices=[
+                    p.CompletionChoice(index=index, text=text or "", finish_reason=reason)])
+            data = body.model_dump(exclude_none=False) | usage_field
+            if not chat and not prep.include_usage:
+                data.pop("usage", None)
+            return f"data: {json.dumps(data)}\n\n"
+
+        try:
+            async for event in self.events(queue, jobs):
+                if chat and event.index not in started:
+                    started.add(event.index)
+                    yield chunk(event.index, None, None, first=True)
+                if isinstance(event, Delta):
+                    yield chunk(event.index, event.text, None)
+                elif isinstance(event, Finished):
+                    tokens += event.completion_tokens
+                    if event.text:
+                        yield chunk(event.index, event.text, None)
+                    yield chunk(event.index, None, event.reason)
+            if prep.include_usage:
+                body = (p.ChatCompletionChunk(id=cid, created=created, model=name, choices=[],
+                                              usage=self.usage(prep, tokens)) if chat else
+                        p.Completion(id=cid, created=created, model=name, choices=[],
+                                     usage=self.usage(prep, tokens)))
+                yield f"data: {body.model_dump_json()}\n\n"
+        except APIError as exc:
+            yield sse_event(exc)
+        except Exception as exc:  # never a stack trace on the wire
+            log.exception("stream failed")
+            yield sse_event(APIError(f"The server had an error while streaming: {type(exc).__name__}"))
+        yield "data: [DONE]\n\n"
