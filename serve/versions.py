@@ -58,6 +58,7 @@ class VersionDirectory:
         self._failed: dict[tuple[str, str], str] = {}
         self._used: dict[tuple[str, str], float] = {}
         self._manifests: dict[tuple[str, str], Manifest] = {}
+        self._folders: dict[tuple[str, str], Path] = {}
         self._load_lock = threading.Lock()
         self.started = False
 
@@ -113,6 +114,9 @@ class VersionDirectory:
             except Exception as exc:
                 log.warning("cannot list versions of %s: %s", name, exc)
                 continue
+            aliases: dict[str, list[str]] = {}
+            for alias, version in (self.client.get_registered_model(name).aliases or {}).items():
+                aliases.setdefault(str(version), []).append(alias)
             for ref in sorted(refs, key=lambda r: int(r.version)):
                 try:
                     manifest = self._manifest(name, ref.version)
@@ -121,7 +125,7 @@ class VersionDirectory:
                 mv = self.client.get_model_version(name, ref.version)
                 created = int((mv.creation_timestamp or 0) / 1000)
                 out.append((f"{name}/{ref.version}", manifest.base_model, created))
-                for alias in ref.aliases:
+                for alias in sorted(aliases.get(ref.version, [])):
                     out.append((name if alias == PRODUCTION else f"{name}@{alias}", manifest.base_model, created))
         return out
 
@@ -192,12 +196,13 @@ class VersionDirectory:
     def _download(self, name: str, version: str) -> Path:
         from core.registry import download_version, resolve_version
 
-        dest = self.workdir / re.sub(r"[^A-Za-z0-9_.-]", "_", name) / version
-        for folder in (dest / "artifacts", dest):
-            if (folder / MANIFEST_FILE).is_file():
-                return folder
-        dest.mkdir(parents=True, exist_ok=True)
-        return download_version(self.client, resolve_version(self.client, f"{name}/{version}"), dest)
+        key = (name, version)
+        if key not in self._folders:
+            dest = self.workdir / re.sub(r"[^A-Za-z0-9_.-]", "_", name) / version
+            dest.mkdir(parents=True, exist_ok=True)
+            self._folders[key] = download_version(self.client, resolve_version(self.client, f"{name}/{version}"),
+                                                  dest)
+        return self._folders[key]
 
     def _load(self, name: str, version: str) -> Served:
         """Download, check the base, load the adapter, and generate once; raises (and records) on failure."""

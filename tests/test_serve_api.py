@@ -1,0 +1,109 @@
+"""The OpenAI protocol through the official client against a real gateway on loopback (tiny model)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from test_serve_support import CHAT, Running, running_gateway, store  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def gateway(store) -> Iterator[Running]:
+    """tiny-model: version 1 in production, version 2 the candidate."""
+    store.publish("tiny-model", seed=0, alias="production")
+    store.publish("tiny-model", seed=1, alias="candidate")
+    with running_gateway(["tiny-model"]) as running:
+        yield running
+
+
+def test_chat_completion_answers_with_usage_and_request_id(gateway):
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="tiny-model", messages=CHAT, max_tokens=8, temperature=0)
+    assert raw.headers["x-request-id"]
+    out = raw.parse()
+    assert out.object == "chat.completion" and out.model == "tiny-model"
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens > 5
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 8
+
+
+def test_streamed_chat_equals_the_plain_answer_and_reports_usage(gateway):
+    client = gateway.client()
+    plain = client.chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_completions_with_several_prompts_and_n_streamed_and_not(gateway):
+    client = gateway.client()
+    out = client.completions.create(model="tiny-model", prompt=["Once upon", "A permit is"], n=2, max_tokens=5,
+                                    temperature=0.9, seed=3)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == 20
+    chunks = list(client.completions.create(model="tiny-model", prompt="Once upon", max_tokens=6, temperature=0,
+                                            stream=True))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    plain = client.completions.create(model="tiny-model", prompt="Once upon", max_tokens=6, temperature=0)
+    assert streamed == plain.choices[0].text and plain.choices[0].finish_reason == "length"
+
+
+def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(gateway):
+    client = gateway.client()
+
+    def ask(**kw):
+        return client.chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=16, **kw).choices[0]
+
+    a, b = ask(temperature=1.0, seed=11), ask(temperature=1.0, seed=11)
+    assert a.message.content == b.message.content
+    assert {ask(temperature=1.0, seed=s).message.content for s in range(4)} != {a.message.content}
+    full = ask(temperature=0).message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = ask(temperature=0, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.message.content == full[:full.index(stop)]
+
+
+def test_models_lists_versions_and_aliases_with_their_base(gateway, tiny_base):
+    models = {m.id: m for m in gateway.client().models.list()}
+    assert set(models) == {"tiny-model", "tiny-model/1", "tiny-model/2", "tiny-model@candidate"}
+    assert {m.parent for m in models.values()} == {str(tiny_base)}
+    client = gateway.client()
+    one = client.chat.completions.create(model="tiny-model/1", messages=CHAT, max_tokens=8, temperature=0)
+    two = client.chat.completions.create(model="tiny-model@candidate", messages=CHAT, max_tokens=8, temperature=0)
+    prod = client.chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=8, temperature=0)
+    assert one.choices[0].message.content != two.choices[0].message.content
+    assert one.choices[0].message.content == prod.choices[0].message.content
+
+
+def test_mixed_adapters_share_a_batch_and_each_answers_as_alone(gateway):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = gateway.client()
+
+    def ask(model):
+        return client.chat.completions.create(model=model, messages=CHAT, max_tokens=24,
+                                              temperature=0).choices[0].message.content
+
+    alone = {m: ask(m) for m in ("tiny-model/1", "tiny-model/2")}
+    assert alone["tiny-model/1"] != alone["tiny-model/2"]
+    with ThreadPoolExecutor(6) as pool:
+        models = ["tiny-model/1", "tiny-model/2"] * 3
+        together = list(pool.map(ask, models))
+    assert together == [alone[m] for m in models]
+    assert gateway.metric("tuneops:adapter_loads_total", outcome="success") == 2
+
+
+@pytest.mark.parametrize("model", ["nope", "tiny-model@nosuchalias", "tiny-model/99", "bad name!"])
+def test_unknown_model_is_404_never_the_base(gateway, model):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as err:
+        gateway.client().chat.completions.create(model=model, messages=CHAT, max_tokens=4)
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"

@@ -1,0 +1,166 @@
+"""Helpers for the gateway tests: a real uvicorn server on loopback in a thread, with the official client.
+
+Imported by the other test_serve_* modules (pytest puts tests/ on sys.path); it holds no tests itself.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+CHAT = [{"role": "user", "content": "What is a building permit?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll until `check()` is truthy; a bounded wait for a state, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Running:
+    def __init__(self, server: Any, thread: threading.Thread, port: int) -> None:
+        self.server = server
+        self.thread = thread
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def gateway(self) -> Any:
+        return self.server.config.app.state.gateway
+
+    def client(self, api_key: str = "unused", **kwargs: Any) -> Any:
+        from openai import OpenAI
+
+        kwargs.setdefault("max_retries", 0)
+        return OpenAI(base_url=self.url + "/v1", api_key=api_key, timeout=60, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=60, **kwargs)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples matching the labels, read from /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def ready(self) -> bool:
+        try:
+            return self.get("/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+@contextmanager
+def running_gateway(models: list[str], wait_ready: bool = True, **overrides: Any) -> Iterator[Running]:
+    from serve.server import make_server
+    from serve.settings import ServeSettings
+
+    limits = {"max_batch_size": 8, "max_queue": 16, "max_tokens": 256, "default_max_tokens": 16}
+    limits.update(overrides.pop("limits", {}))
+    settings = ServeSettings(models=models, poll_interval_s=0.3, dtype="fp32", limits=limits, **overrides)
+    port = free_port()
+    server = make_server(settings, port=port)
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    running = Running(server, thread, port)
+    try:
+        wait_for(lambda: server.started, "the server to start")
+        if wait_ready:
+            wait_for(running.ready, "readiness")
+        yield running
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class Store:
+    """A temporary MLflow store shared by one test module, and a way to register versions in it."""
+
+    def __init__(self, uri: str, root: Path, base_dir: Path) -> None:
+        self.uri = uri
+        self.root = root
+        self.base_dir = base_dir
+
+    def publish(self, name: str, seed: int = 0, *, base_dir: Path | None = None, broken: str | None = None,
+                alias: str | None = None) -> Any:
+        """Register a random LoRA version (like conftest's make_version); `broken`: 'weights' writes garbage
+        adapter weights, 'nan' NaN ones. `alias` points an alias at it."""
+        import mlflow
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from core.models import load_causal_lm, load_tokenizer, weights_digest
+        from core.pyfunc import publish_version, write_bundle
+        from core.registry import Manifest, connect, move_alias, resolve_version
+
+        base_dir = base_dir or self.base_dir
+        torch.manual_seed(seed)
+        tokenizer = load_tokenizer(base_dir)
+        base = load_causal_lm(base_dir, torch.device("cpu"), torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False))
+        if broken == "nan":
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.fill_(float("nan"))
+        manifest = Manifest(base_model=str(base_dir), base_digest=weights_digest(base_dir),
+                            chat_template=tokenizer.chat_template, eos_token=tokenizer.eos_token, job_name="test")
+        bundle = write_bundle(self.root / f"bundle-{name}-{seed}-{broken}", model, tokenizer, manifest)
+        if broken == "weights":
+            (bundle / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+        client = connect(self.uri)
+        mlflow.set_experiment("serve-tests")
+        with mlflow.start_run():
+            mv = publish_version(bundle, name, pip_requirements=["torch"])
+        if alias:
+            move_alias(client, name, alias, str(mv.version), "test")
+        return resolve_version(client, f"{name}/{mv.version}")
+
+    def move(self, name: str, alias: str, version: str) -> None:
+        from core.registry import connect, move_alias
+
+        move_alias(connect(self.uri), name, alias, version, "test")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Store]:
+    import mlflow
+
+    root = tmp_path_factory.mktemp("serve-store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield Store(uri, root, tiny_base)
+    finally:
+        mp.undo()
