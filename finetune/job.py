@@ -141,6 +141,9 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
         if main and not resume:
             _log_inputs(cfg, job_name, checked)
         log.info("loading %s on %s in %s", checked.base.name, device, dtype_name(dtype))
+        from transformers import set_seed
+
+        set_seed(cfg.training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
         base = load_causal_lm(checked.base, device, dtype, cfg.model.quantization, cfg.model.trust_remote_code)
         model = attach_lora(base, cfg)
         trainable, total = model.get_nb_trainable_parameters()

@@ -1,0 +1,137 @@
+"""Fine-tune jobs end to end on the tiny model with a real MLflow store."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from core.config import load_config
+from core.registry import connect
+from core.schema.job import JobConfig
+from finetune.job import run_job
+
+
+def job(tmp_path: Path, tiny_base: Path, uri: str, **sections) -> JobConfig:
+    data = {
+        "model": {"base": str(tiny_base)},
+        "data": {"path": "builtin:zaragoza-faq", "max_examples": 40, "max_length": 256, "validation_split": 0.1},
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "batch_size": 4, "eval_steps": 2,
+                     "save_steps": 2, "logging_steps": 1, "lr_scheduler": "constant", "warmup_ratio": 0.0},
+        "tracking": {"tracking_uri": uri, "experiment": "t"},
+        "registry": {"model_name": "tiny-faq"},
+    }
+    for section, values in sections.items():
+        data[section].update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(JobConfig, path)
+
+
+def losses(client, run_id: str) -> list[tuple[int, float]]:
+    return [(m.step, round(m.value, 5)) for m in client.get_metric_history(run_id, "train_loss")]
+
+
+def test_job_logs_everything_and_registers_a_version(tmp_path, tiny_base, mlflow_store):
+    result = run_job(job(tmp_path, tiny_base, mlflow_store), "tiny")
+    client = connect(mlflow_store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "4" and run.data.params["training.max_steps"] == "4"
+    assert len(run.data.params["data.system_prompt"]) >= 0
+    for metric in ("train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second"):
+        assert metric in run.data.metrics, metric
+    assert len(losses(client, result.run_id)) == 4
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config", "data", "adapter", "manifest.json"} <= artifacts
+    report = json.loads(Path(client.download_artifacts(result.run_id, "data/report.json")).read_text())
+    assert report["train"] == 36 and report["validation"] == 4
+    validation = Path(client.download_artifacts(result.run_id, "data/validation.jsonl")).read_text().splitlines()
+    assert len(validation) == 4 and json.loads(validation[0])["messages"][-1]["role"] == "assistant"
+    adapter = {a.path for a in client.list_artifacts(result.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in adapter
+    inputs = run.inputs.dataset_inputs
+    assert sorted(i.tags[0].value for i in inputs) == ["train", "validation"]
+    assert all(i.dataset.digest for i in inputs)
+    mv = client.get_model_version("tiny-faq", result.version)
+    assert mv.run_id == result.run_id and mv.tags["tuneops.base_model"] == str(tiny_base)
+    manifest = json.loads(Path(client.download_artifacts(result.run_id, "manifest.json")).read_text())
+    assert manifest["base_digest"].startswith("sha256:") and manifest["eos_token"] == "<|im_end|>"
+    # the base weights are referenced, never copied into the version
+    model_files = [a.path for a in client.list_artifacts(result.run_id, "model/artifacts/bundle/adapter")]
+    assert not any(p.endswith("model.safetensors") and "adapter_" not in p for p in model_files)
+
+
+def test_same_seed_gives_the_same_losses(tmp_path, tiny_base, mlflow_store):
+    a = run_job(job(tmp_path / "a", tiny_base, mlflow_store), "a")
+    b = run_job(job(tmp_path / "b", tiny_base, mlflow_store), "b")
+    c = run_job(job(tmp_path / "c", tiny_base, mlflow_store, training={"seed": 7}), "c")
+    client = connect(mlflow_store)
+    assert losses(client, a.run_id) == losses(client, b.run_id)
+    assert losses(client, a.run_id) != losses(client, c.run_id)
+
+
+def test_interrupted_run_is_marked_and_resume_continues_it_exactly(tmp_path, tiny_base, mlflow_store, monkeypatch):
+    from finetune import callbacks
+
+    full = run_job(job(tmp_path / "full", tiny_base, mlflow_store), "full")
+    cfg = job(tmp_path / "cut", tiny_base, mlflow_store)
+    original = callbacks.Progress.on_step_end
+
+    def interrupt_after_checkpoint(self, args, state, control, **kw):
+        original(self, args, state, control, **kw)
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.Progress, "on_step_end", interrupt_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(cfg, "cut")
+    client = connect(mlflow_store)
+    run_id = json.loads((cfg.training.output_dir / "tuneops-run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.search_model_versions(f"run_id = '{run_id}'") == []
+
+    monkeypatch.setattr(callbacks.Progress, "on_step_end", original)
+    resumed = run_job(cfg, "cut", resume=True)
+    assert resumed.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # steps 3 and 4 after the restart match the uninterrupted run: optimizer, RNG and data position restored
+    after = dict(losses(client, run_id))
+    assert [after[s] for s in (3, 4)] == [dict(losses(client, full.run_id))[s] for s in (3, 4)]
+    assert resumed.version is not None
+
+
+def test_failed_run_is_marked_and_registers_nothing(tmp_path, tiny_base, mlflow_store, monkeypatch):
+    from transformers import Trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Trainer, "train", broken)
+    cfg = job(tmp_path, tiny_base, mlflow_store)
+    with pytest.raises(RuntimeError):
+        run_job(cfg, "broken")
+    client = connect(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_registered_models() == []
+
+
+def test_resume_without_a_previous_run_is_an_error(tmp_path, tiny_base, mlflow_store):
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_job(job(tmp_path, tiny_base, mlflow_store), "x", resume=True)
+
+
+@pytest.mark.integration
+def test_real_model_fine_tune_generates_through_pyfunc(tmp_path, smollm2, mlflow_store):
+    cfg = job(tmp_path, smollm2.path, mlflow_store, model={"base": "smollm2-135m-instruct"},
+              data={"max_examples": 24}, training={"max_steps": 2, "eval_steps": 2, "save_steps": 2})
+    result = run_job(cfg, "real")
+    model = mlflow.pyfunc.load_model(f"models:/tiny-faq/{result.version}")
+    answer = model.predict(["What is a building permit?"], params={"max_new_tokens": 24})[0]
+    assert isinstance(answer, str) and len(answer.split()) >= 3
