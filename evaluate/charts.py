@@ -1,4 +1,4 @@
-"""Grouped bar charts (one bar per subject per group), drawn without pyplot so no global backend is touched."""
+"""Grouped bar charts (a bar per subject per group), drawn without pyplot so no global backend is touched."""
 
 from __future__ import annotations
 

@@ -148,10 +148,17 @@ _UNKNOWN_WORDS = ("unknown", "cannot be determined", "can't be determined", "not
 
 
 def _groups_of(info: list[Any]) -> set[str]:
-    """Group labels of one BBQ answer, normalised the way `stereotyped_groups` spells them."""
+    """Group labels of one BBQ answer, normalised the way `stereotyped_groups` spells them.
+
+    As lm-evaluation-harness does: intersectional prefixes (`F-Black`, `lowSES-African`) split into parts,
+    and woman/girl, man/boy also count as F and M.
+    """
     out: set[str] = set()
     for part in info:
-        for piece in str(part).replace("_", "-").split("-"):
+        text = str(part)
+        for prefix in ("M-", "F-", "lowSES-", "highSES-"):
+            text = text.replace(prefix, prefix[:-1] + "_")
+        for piece in text.split("_"):
             word = piece.strip().lower()
             if not word:
                 continue

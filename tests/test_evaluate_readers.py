@@ -1,0 +1,165 @@
+"""Suite files: the shipped suites load; malformed files name file and line; empty files are errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from core.errors import DataError
+from evaluate import readers
+
+
+def test_shipped_suites_load_with_several_groups():
+    crows = readers.read_crows(readers.DEFAULT_CROWS)
+    bbq = readers.read_bbq(readers.DEFAULT_BBQ)
+    cf = readers.read_counterfactual(readers.DEFAULT_COUNTERFACTUAL)
+    assert 40 <= len(crows) <= 60 and len(Counter(p.bias_type for p in crows)) >= 6
+    assert 30 <= len(bbq) <= 60
+    assert Counter(i.condition for i in bbq) == {"ambig": len(bbq) // 2, "disambig": len(bbq) // 2}
+    # every item has one unknown answer and, in this suite, exactly one biased answer
+    assert all(len(i.biased) == 1 and i.unknown not in i.biased for i in bbq)
+    assert all(i.label == i.unknown for i in bbq if i.condition == "ambig")
+    axes = {t.axis for t in cf}
+    assert {"gender", "race/ethnicity", "religion", "age", "disability", "nationality"} <= axes
+    assert all(len(t.prompts()) >= 2 for t in cf)
+    faq = readers.read_quality(readers.SUITES_DIR / "faq_sample.jsonl")
+    assert len(faq) == 64 and faq[0].messages[-1]["role"] == "user"
+
+
+def test_bbq_biased_answer_depends_on_question_polarity(tmp_path: Path):
+    row = {
+        "context": "c",
+        "question": "q",
+        "ans0": "The grandfather",
+        "ans1": "The grandson",
+        "ans2": "Unknown",
+        "label": 2,
+        "context_condition": "ambig",
+        "question_polarity": "neg",
+        "answer_info": {
+            "ans0": ["grandfather", "old"],
+            "ans1": ["grandson", "nonOld"],
+            "ans2": ["Unknown", "unknown"],
+        },
+        "additional_metadata": {"stereotyped_groups": ["old"]},
+    }
+    path = tmp_path / "bbq.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "question_polarity": "nonneg"}) + "\n")
+    neg, nonneg = readers.read_bbq(path)
+    assert (neg.unknown, neg.biased, nonneg.biased) == (2, (0,), (1,))
+
+
+def test_bbq_gender_labels_match_f_and_m(tmp_path: Path):
+    row = {
+        "context": "c",
+        "question": "q",
+        "ans0": "The man",
+        "ans1": "Not known",
+        "ans2": "The woman",
+        "label": 1,
+        "context_condition": "ambig",
+        "question_polarity": "neg",
+        "answer_info": {"ans0": ["man", "man"], "ans1": ["Not known", "unknown"], "ans2": ["woman", "woman"]},
+        "additional_metadata": {"stereotyped_groups": ["F"]},
+    }
+    path = tmp_path / "bbq.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert readers.read_bbq(path)[0].biased == (2,)
+
+
+def test_malformed_crows_row_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "crows.csv"
+    path.write_text(
+        "sent_more,sent_less,stereo_antistereo,bias_type\nA b.,C d.,stereo,gender\nE f.,,stereo,age\n"
+    )
+    with pytest.raises(DataError, match=r"crows.csv:3: empty field\(s\) sent_less"):
+        readers.read_crows(path)
+
+
+def test_crows_missing_column(tmp_path: Path):
+    path = tmp_path / "crows.csv"
+    path.write_text("sent_more,sent_less,bias_type\nA,B,age\n")
+    with pytest.raises(DataError, match=r"crows.csv:1: missing column\(s\) stereo_antistereo"):
+        readers.read_crows(path)
+
+
+def test_malformed_bbq_json_names_line(tmp_path: Path):
+    good = readers.DEFAULT_BBQ.read_text().splitlines()[0]
+    path = tmp_path / "bbq.jsonl"
+    path.write_text(good + "\n\n" + good[:-5] + "\n")
+    with pytest.raises(DataError, match=r"bbq.jsonl:3: invalid JSON"):
+        readers.read_bbq(path)
+
+
+def test_bbq_bad_label_names_line(tmp_path: Path):
+    row = json.loads(readers.DEFAULT_BBQ.read_text().splitlines()[0])
+    path = tmp_path / "bbq.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": 5}) + "\n")
+    with pytest.raises(DataError, match=r"bbq.jsonl:2: label must be 0, 1 or 2"):
+        readers.read_bbq(path)
+
+
+def test_counterfactual_group_missing_a_placeholder(tmp_path: Path):
+    path = tmp_path / "cf.jsonl"
+    row = {
+        "id": "t",
+        "axis": "gender",
+        "template": "My {relative} says {pronoun} wants a quote.",
+        "groups": {"wife": {"relative": "wife", "pronoun": "she"}, "husband": {"relative": "husband"}},
+    }
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(
+        DataError, match=r"cf.jsonl:1: group 'husband' fills no value for placeholder\(s\) pronoun"
+    ):
+        readers.read_counterfactual(path)
+
+
+def test_quality_row_without_an_answer_names_line(tmp_path: Path):
+    path = tmp_path / "extra.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "q", "completion": "a"}) + "\n" + json.dumps({"text": "plain"}) + "\n"
+    )
+    with pytest.raises(DataError, match=r"extra.jsonl:2: no reference answer"):
+        readers.read_quality(path)
+
+
+def test_quality_shapes(tmp_path: Path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        {"instruction": "Translate", "input": "hola", "output": "hello"},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    first, second = readers.read_quality(path)
+    assert first.messages == [{"role": "user", "content": "Translate\n\nhola"}] and first.reference == "hello"
+    assert [m["role"] for m in second.messages] == ["system", "user"] and second.reference == "a"
+
+
+@pytest.mark.parametrize(
+    ("reader", "name", "content"),
+    [
+        (readers.read_crows, "c.csv", "sent_more,sent_less,stereo_antistereo,bias_type\n"),
+        (readers.read_bbq, "b.jsonl", "\n\n"),
+        (readers.read_counterfactual, "cf.jsonl", ""),
+        (readers.read_quality, "q.jsonl", ""),
+    ],
+)
+def test_empty_suite_is_a_clear_error(tmp_path: Path, reader, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match="suite is empty"):
+        reader(path)
+
+
+def test_missing_file(tmp_path: Path):
+    with pytest.raises(DataError, match="evaluation file not found"):
+        readers.read_bbq(tmp_path / "nope.jsonl")
