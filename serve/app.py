@@ -53,20 +53,17 @@ class Gateway:
         self.draining = True
         self.engine.accepting = False
 
-    async def start(self) -> None:
+    async def run(self) -> None:
+        """Load the production versions, then poll the registry for alias moves until cancelled."""
         try:
             await asyncio.to_thread(self.directory.start)
         except Exception:
-            log.exception("startup failed; the registry is polled again every %ss",
-                          self.settings.poll_interval_s)
+            log.exception("startup failed; retrying every %ss", self.settings.poll_interval_s)
         self.startup_done = True
-
-    async def watch(self) -> None:
-        """Poll the registry for alias moves until cancelled."""
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
             try:
-                if self.directory.client is None:
+                if not self.directory.started:
                     await asyncio.to_thread(self.directory.start)
                 else:
                     await asyncio.to_thread(self.directory.refresh)
@@ -83,8 +80,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
             gateway = Gateway(settings, Path(tmp))
             app.state.gateway = gateway
             gateway.engine.start()
-            tasks = [asyncio.create_task(gateway.start())]
-            tasks.append(asyncio.create_task(gateway.watch()))
+            tasks = [asyncio.create_task(gateway.run())]
             try:
                 yield
             finally:

@@ -248,6 +248,10 @@ class Engine:
         return joiners
 
     def _drop_cancelled(self) -> None:
+        """Rows of abandoned requests (client gone) leave the batch; their tokens still count as generated."""
+        for row in self._rows:
+            if row.job.cancelled:
+                self.metrics.generation_tokens.labels(*row.job.labels).inc(row.count)
         keep = [i for i, r in enumerate(self._rows) if not r.job.cancelled]
         if len(keep) != len(self._rows):
             self._retain(keep)
@@ -326,6 +330,7 @@ class Engine:
                 done.add(pos)
                 continue
             if job.cancelled:
+                self.metrics.generation_tokens.labels(*labels).inc(row.count)
                 done.add(pos)
                 continue
             if row.count == 0:

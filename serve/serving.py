@@ -223,14 +223,19 @@ class OpenAIServing:
                      disconnected: Callable[[], Any] | None = None) -> AsyncIterator[Event]:
         """Engine events until every choice finished; cancels the jobs if the consumer stops early."""
         remaining = sum(j.params.n for j in jobs)
+        checked = time.monotonic()
         try:
             while remaining:
                 try:
-                    event = await asyncio.wait_for(queue.get(), 1.0)
+                    event = await asyncio.wait_for(queue.get(), 0.5)
                 except TimeoutError:
-                    if disconnected is not None and await disconnected():
+                    event = None
+                if disconnected is not None and time.monotonic() - checked > 0.5:
+                    checked = time.monotonic()
+                    if await disconnected():
                         log.info("client disconnected; generation stopped")
                         return
+                if event is None:
                     continue
                 if isinstance(event, Failed):
                     raise event.error
