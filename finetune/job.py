@@ -127,8 +127,8 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
     from finetune.callbacks import MlflowMetrics, Progress, Throughput
     from finetune.recipe import attach_lora, make_trainer
 
-    client = connect(cfg.tracking.tracking_uri)  # fails fast on an unreachable server
     checked = checked or check(cfg)
+    client = connect(cfg.tracking.tracking_uri)  # fails fast on an unreachable server
     log.info("data: %s", checked.data.report.summary())
     device = choose_device(cfg.model.device)
     dtype = choose_dtype(cfg.model.dtype, device)
