@@ -83,7 +83,8 @@ def running_gateway(models: list[str], wait_ready: bool = True, **overrides: Any
 
     limits = {"max_batch_size": 8, "max_queue": 16, "max_tokens": 256, "default_max_tokens": 16}
     limits.update(overrides.pop("limits", {}))
-    settings = ServeSettings(models=models, poll_interval_s=0.3, dtype="fp32", limits=limits, **overrides)
+    overrides.setdefault("dtype", "fp32")  # exact comparisons across batch shapes
+    settings = ServeSettings(models=models, poll_interval_s=0.3, limits=limits, **overrides)
     port = free_port()
     server = make_server(settings, port=port)
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)
