@@ -128,11 +128,11 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
     from finetune.recipe import attach_lora, make_trainer
 
     checked = checked or check(cfg)
-    client = connect(cfg.tracking.tracking_uri)  # fails fast on an unreachable server
+    main = _distributed_rank() == 0  # under `accelerate launch`, only the main process talks to MLflow
+    client = connect(cfg.tracking.tracking_uri) if main else None  # fails fast on an unreachable server
     log.info("data: %s", checked.data.report.summary())
     device = choose_device(cfg.model.device)
     dtype = choose_dtype(cfg.model.dtype, device)
-    main = _distributed_rank() == 0
 
     run_id, experiment_id = ("", "")
     if main:
@@ -151,6 +151,10 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
         callbacks = [Throughput(), Progress()] + ([MlflowMetrics(client, run_id)] if main else [])
         trainer = make_trainer(cfg, model, checked.tokenizer, checked.data.train, checked.data.validation,
                                cfg.training.output_dir / "checkpoints", device, dtype, callbacks)
+        log.info("training on %d process(es), %d optimizer steps", trainer.args.world_size,
+                 trainer.args.max_steps if trainer.args.max_steps > 0 else -1)
+        if main:
+            mlflow.set_tag("tuneops.world_size", str(trainer.args.world_size))
         result = trainer.train(resume_from_checkpoint=True if resume else None)
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
         if checked.data.validation:

@@ -89,6 +89,7 @@ def training_arguments(cfg: JobConfig, output_dir: Path, device: torch.device, d
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
         ddp_backend="gloo" if device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
 

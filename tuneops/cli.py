@@ -91,6 +91,8 @@ def models() -> None:
 
 
 def _print_result(result) -> None:  # type: ignore[no-untyped-def]
+    if not result.run_id:
+        return  # a non-main process of a distributed job
     typer.echo(f"run:      {result.run_id} (experiment {result.experiment_id})")
     if result.version:
         typer.echo(f"version:  models:/{result.model_name}/{result.version}")
