@@ -265,15 +265,27 @@ class Engine:
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any, adapters: list[str], **kwargs: Any) -> torch.Tensor:
+        """One forward pass; rows of one adapter skip peft's per-row split and its per-call hook setup."""
         if len(set(adapters)) == 1:
             if self._active != adapters[0]:
                 self.model.set_adapter(adapters[0])
                 self._active = adapters[0]
+            model = self.model.get_base_model()  # LoRA layers in place, active adapter set
         else:
+            model = self.model
             kwargs["adapter_names"] = adapters
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, **kwargs)
+        kwargs[self._cache_arg()] = cache
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1, :]
+
+    def _cache_arg(self) -> str:
+        """transformers renamed `past_key_values` to `cache` (5.2x); accept either."""
+        if not hasattr(self, "_cache_name"):
+            import inspect
+
+            params = inspect.signature(self.base.forward).parameters
+            self._cache_name = "cache" if "cache" in params else "past_key_values"
+        return self._cache_name
 
     def _prefill(self, jobs: list[Job]) -> None:
         from transformers import DynamicCache

@@ -1,0 +1,327 @@
+"""Serving benchmark: N concurrent OpenAI clients (1, 4, 16) against the tuneops gateway and its baselines.
+
+Targets, run one after another on the same model (SmolLM2-135M-Instruct, bf16 where core.device picks it):
+  gateway      `tuneops serve` (continuous batching) on a registered LoRA version of the base
+  serial       the same gateway with max_batch_size=1: one request at a time
+  hf-serve     `transformers serve --continuous-batching` on the converted base folder
+  in-process   PeftModel.generate in this process, 1 client (no HTTP), the single-stream reference
+The adapter is a LoRA initialised to zero (B=0): it runs like any adapter (unmerged) but answers exactly as the
+base, so every target produces the same greedy text and lengths. Each client sends the same fixed chat
+requests (temperature 0, max_tokens fixed) and streams them; reported: TTFT, inter-token latency and e2e
+latency (p50/p99), output tokens/s over the whole run, failures.
+
+    .venv/bin/python scripts/bench_serve.py [--clients 1 4 16] [--max-tokens 128] [--targets ...] [--json out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    "How do I apply for a building permit?",
+    "What documents do I need to renew my passport?",
+    "When is the recycling collected in my street?",
+    "How can I pay a parking fine online?",
+    "What are the opening hours of the town hall?",
+    "How do I register a newborn child?",
+    "Can I get a refund for an unused bus pass?",
+    "How do I report a broken street light?",
+]
+MODEL_NAME = "bench-model"
+
+
+@dataclass
+class Sample:
+    ttft: float
+    itl: list[float]
+    e2e: float
+    tokens: int
+
+
+@dataclass
+class Result:
+    target: str
+    clients: int
+    wall: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+    failures: int = 0
+
+    def row(self) -> dict:
+        def pct(values: list[float], q: float) -> float:
+            if not values:
+                return float("nan")
+            values = sorted(values)
+            return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+        ttft = [s.ttft for s in self.samples]
+        itl = [x for s in self.samples for x in s.itl]
+        e2e = [s.e2e for s in self.samples]
+        tokens = sum(s.tokens for s in self.samples)
+        return {
+            "target": self.target, "clients": self.clients, "requests": len(self.samples),
+            "failures": self.failures, "tok_s": tokens / self.wall if self.wall else 0.0,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
+            "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99),
+            "e2e_p50": pct(e2e, 0.5), "e2e_p99": pct(e2e, 0.99),
+            "mean_tokens": tokens / len(self.samples) if self.samples else 0.0,
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def one_request(client, model: str, question: str, max_tokens: int) -> Sample:
+    start = time.perf_counter()
+    stamps: list[float] = []
+    usage_tokens = None
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+        if getattr(chunk, "usage", None):
+            usage_tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    if not stamps:
+        raise RuntimeError("no content")
+    return Sample(stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)], end - start,
+                  usage_tokens if usage_tokens is not None else len(stamps))
+
+
+async def load(base_url: str, model: str, target: str, clients: int, requests: int, max_tokens: int) -> Result:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    result = Result(target, clients)
+    queue = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
+
+    async def worker() -> None:
+        while queue:
+            question = queue.pop()
+            try:
+                result.samples.append(await one_request(client, model, question, max_tokens))
+            except Exception as exc:
+                result.failures += 1
+                print(f"  failure ({target}): {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    await one_request(client, model, QUESTIONS[0], 4)  # warm the connection and the server
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    result.wall = time.perf_counter() - start
+    await client.close()
+    return result
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def register_version(work: Path) -> str:
+    """A zero-initialised LoRA version of the real base in a fresh MLflow store; returns the tracking URI."""
+    import mlflow
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from core.models import load_causal_lm, load_tokenizer, resolve_base_model
+    from core.pyfunc import publish_version, write_bundle
+    from core.registry import PRODUCTION, Manifest, connect, move_alias
+
+    base = resolve_base_model("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(base)
+    model = get_peft_model(load_causal_lm(base, torch.device("cpu"), torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    manifest = Manifest(base_model=base.name, base_digest=base.digest, chat_template=tokenizer.chat_template,
+                        eos_token=tokenizer.eos_token, job_name="bench")
+    bundle = write_bundle(work / "bundle", model, tokenizer, manifest)
+    uri = f"sqlite:///{work}/mlflow.db"
+    os.chdir(work)
+    client = connect(uri)
+    mlflow.set_experiment("bench")
+    with mlflow.start_run():
+        mv = publish_version(bundle, MODEL_NAME, pip_requirements=["torch"])
+    move_alias(client, MODEL_NAME, PRODUCTION, str(mv.version), "benchmark")
+    return uri
+
+
+def start_gateway(uri: str, port: int, max_batch: int, work: Path, threads: int) -> subprocess.Popen:
+    """`tuneops serve --config` through the real CLI command (tuneops/cli_serve.py)."""
+    config = work / f"serve-{port}.yaml"
+    config.write_text(json.dumps({
+        "models": [MODEL_NAME], "tracking_uri": uri, "port": port, "poll_interval_s": 60, "cpu_threads": threads,
+        "limits": {"max_batch_size": max_batch, "max_queue": 256, "queue_timeout_s": 600, "max_tokens": 1024},
+    }))
+    code = ("import typer; from tuneops.cli_serve import register; app = typer.Typer(); register(app); "
+            "app(['serve', '--config', %r])" % str(config))
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(work / f"gateway-{port}.log", "w"))
+
+
+def start_hf_serve(port: int, work: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    from core.models import resolve_base_model
+
+    path = str(resolve_base_model("smollm2-135m-instruct").path)
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
+    proc = subprocess.Popen([exe, "serve", path, "--continuous-batching", "--device", "cpu", "--dtype",
+                             "bfloat16", "--port", str(port), "--host", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=open(work / "hf-serve.log", "w"),
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return proc, path
+
+
+def in_process(max_tokens: int, requests: int, threads: int) -> Result:
+    """One stream at a time with PeftModel.generate, timing each token through a streamer."""
+    import torch
+    from peft import PeftModel
+    from transformers.generation.streamers import BaseStreamer
+
+    from core.chat import prompt_ids
+    from core.device import choose_device, choose_dtype
+    from core.models import load_causal_lm, load_tokenizer, resolve_base_model
+
+    torch.set_num_threads(threads)
+    base = resolve_base_model("smollm2-135m-instruct")
+    device = choose_device("auto")
+    tok = load_tokenizer(base)
+    model = load_causal_lm(base, device, choose_dtype("auto", device))
+    bench = Path(os.getcwd()) / "bundle" / "adapter"
+    model = PeftModel.from_pretrained(model, bench, autocast_adapter_dtype=False).to(model.dtype).eval()
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value) -> None:
+            if self.prompt_seen:
+                self.stamps.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    result = Result("in-process", 1)
+    start_all = time.perf_counter()
+    for i in range(requests + 1):
+        ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])],
+                           device=device)
+        clock = Clock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, streamer=clock, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        end = time.perf_counter()
+        if i == 0:  # warm-up
+            start_all = time.perf_counter()
+            continue
+        n = out.shape[1] - ids.shape[1]
+        s = clock.stamps
+        result.samples.append(Sample(s[0] - start, [b - a for a, b in zip(s, s[1:], strict=False)], end - start, n))
+    result.wall = time.perf_counter() - start_all
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| target | clients | requests | failures | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+            "| e2e p50 / p99 (s) | mean tokens |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['tok_s']:.1f} | "
+                     f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {r['itl_p50'] * 1e3:.1f} / "
+                     f"{r['itl_p99'] * 1e3:.1f} | {r['e2e_p50']:.2f} / {r['e2e_p99']:.2f} | "
+                     f"{r['mean_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client (at least 6 at 1 client)")
+    parser.add_argument("--targets", nargs="+", default=["gateway", "hf-serve", "serial", "in-process"])
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for every target (gateway cpu_threads, OMP_NUM_THREADS for "
+                             "transformers serve, torch.set_num_threads in-process): equal for a fair run")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT))
+
+    work = Path(tempfile.mkdtemp(prefix="tuneops-bench-"))
+    uri = register_version(work)
+    rows: list[dict] = []
+
+    def requests_for(c: int) -> int:
+        return max(6, c * args.rounds)
+
+    def run_server(target: str, proc: subprocess.Popen, port: int, model: str, ready: str) -> None:
+        try:
+            wait_http(f"http://127.0.0.1:{port}{ready}", proc)
+            for c in args.clients:
+                if target == "serial" and c > 4:
+                    n = 2 * c  # one at a time is slow: keep the run short
+                else:
+                    n = requests_for(c)
+                res = asyncio.run(load(f"http://127.0.0.1:{port}/v1", model, target, c, n, args.max_tokens))
+                rows.append(res.row())
+                print(table([rows[-1]]).splitlines()[-1], flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    for target in args.targets:
+        print(f"== {target}", flush=True)
+        port = free_port()
+        try:
+            if target == "gateway":
+                run_server(target, start_gateway(uri, port, 32, work, args.threads), port, MODEL_NAME, "/health/ready")
+            elif target == "serial":
+                run_server(target, start_gateway(uri, port, 1, work, args.threads), port, MODEL_NAME, "/health/ready")
+            elif target == "hf-serve":
+                proc, model = start_hf_serve(port, work, args.threads)
+                run_server(target, proc, port, model, "/health")
+            elif target == "in-process":
+                rows.append(in_process(args.max_tokens, requests_for(1), args.threads).row())
+                print(table([rows[-1]]).splitlines()[-1], flush=True)
+        except Exception as exc:
+            print(f"  {target} failed: {type(exc).__name__}: {exc} (logs in {work})", file=sys.stderr)
+    print()
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
