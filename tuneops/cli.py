@@ -23,7 +23,7 @@ JobArg = Annotated[Path, typer.Argument(help="Job file (YAML).", exists=False)]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides such as training.learning_rate=1e-4.")]
 
 
-def _load_job(job: Path, overrides: list[str] | None):  # type: ignore[no-untyped-def]
+def load_job(job: Path, overrides: list[str] | None):  # type: ignore[no-untyped-def]
     from core.config import load_config
     from core.schema.job import JobConfig
 
@@ -37,11 +37,13 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the job's last run from its checkpoint.")] = False,
 ) -> None:
     """Fine-tune a base model with LoRA as the job file says; log the run to MLflow and register a version."""
-    from finetune.job import run_job
+    from tuneops.pipeline import train_and_evaluate
 
-    cfg = _load_job(job, overrides)
-    result = run_job(cfg, job.stem, resume=resume)
-    _print_result(result)
+    cfg = load_job(job, overrides)
+    result, verdict = train_and_evaluate(cfg, job.stem, resume=resume)
+    print_result(result)
+    if verdict is not None:
+        typer.echo(verdict.summary())
 
 
 @app.command()
@@ -52,7 +54,7 @@ def validate(job: JobArg, overrides: Overrides = None) -> None:
     from core.config import config_hash, resolved_dict
     from finetune.job import check
 
-    cfg = _load_job(job, overrides)
+    cfg = load_job(job, overrides)
     checked = check(cfg)
     typer.echo(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
     typer.echo(f"# config hash: {config_hash(cfg)}")
@@ -70,7 +72,7 @@ def data(
     from finetune.job import check
     from finetune.prepare import show as show_example
 
-    cfg = _load_job(job, overrides)
+    cfg = load_job(job, overrides)
     checked = check(cfg)
     for tok in checked.data.train[:show]:
         typer.echo(f"--- {tok.source} ({len(tok.input_ids)} tokens)")
@@ -90,7 +92,7 @@ def models() -> None:
                    f"{entry.description}")
 
 
-def _print_result(result) -> None:  # type: ignore[no-untyped-def]
+def print_result(result) -> None:  # type: ignore[no-untyped-def]
     if not result.run_id:
         return  # a non-main process of a distributed job
     typer.echo(f"run:      {result.run_id} (experiment {result.experiment_id})")
@@ -121,7 +123,7 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TUNEOPS_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     _register_stage_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # click returns a command's Exit code in this mode
     except TuneopsError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
@@ -137,7 +139,7 @@ def run(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def main() -> None:
