@@ -17,6 +17,7 @@ import typer
 from core.errors import TuneopsError
 
 app = typer.Typer(help="Fine-tune, evaluate, gate, register and serve foundation models.", no_args_is_help=True,
+                  rich_markup_mode=None,
                   pretty_exceptions_enable=False, add_completion=False)
 
 JobArg = Annotated[Path, typer.Argument(help="Job file (YAML).", exists=False)]
