@@ -118,28 +118,37 @@ def _for_suite(subjects: dict[str, Subject], suite: str, gates: list[Gate]) -> d
 
 def _measure(
     cfg: EvaluationConfig, inputs: Inputs, subjects: dict[str, Subject], gates: list[Gate]
-) -> dict[str, SuiteResult]:
+) -> tuple[dict[str, SuiteResult], dict[str, float]]:
+    """Run every suite that has items; returns the results and the seconds each suite took."""
     results: dict[str, SuiteResult] = {}
-    if inputs.quality:
-        results["quality"] = run_quality(
-            _for_suite(subjects, "quality", gates),
-            inputs.quality,
-            cfg.max_new_tokens,
-            cfg.batch_size,
-            cfg.exact_match_max_words,
-        )
-    if inputs.crows:
-        results["crows"] = run_crows(_for_suite(subjects, "crows", gates), inputs.crows, cfg.batch_size)
-    if inputs.bbq:
-        results["bbq"] = run_bbq(_for_suite(subjects, "bbq", gates), inputs.bbq, cfg.batch_size)
-    if inputs.counterfactual:
-        results["counterfactual"] = run_counterfactual(
-            _for_suite(subjects, "counterfactual", gates),
-            inputs.counterfactual,
-            cfg.counterfactual_max_new_tokens,
-            cfg.batch_size,
-        )
-    return results
+    seconds: dict[str, float] = {}
+    plan = [
+        (
+            "quality",
+            bool(inputs.quality),
+            lambda s: run_quality(
+                s, inputs.quality, cfg.max_new_tokens, cfg.batch_size, cfg.exact_match_max_words
+            ),
+        ),
+        ("crows", bool(inputs.crows), lambda s: run_crows(s, inputs.crows, cfg.batch_size)),
+        ("bbq", bool(inputs.bbq), lambda s: run_bbq(s, inputs.bbq, cfg.batch_size)),
+        (
+            "counterfactual",
+            bool(inputs.counterfactual),
+            lambda s: run_counterfactual(
+                s, inputs.counterfactual, cfg.counterfactual_max_new_tokens, cfg.batch_size
+            ),
+        ),
+    ]
+    for suite, has_items, run in plan:
+        if not has_items:
+            continue
+        t0 = time.perf_counter()
+        log.info("evaluating %s", suite)
+        results[suite] = run(_for_suite(subjects, suite, gates))
+        seconds[suite] = time.perf_counter() - t0
+        log.info("%s done in %.1f s", suite, seconds[suite])
+    return results, seconds
 
 
 def _mirror_production(results: dict[str, SuiteResult]) -> None:
@@ -185,7 +194,7 @@ def run_evaluation(
         run_id = tracking.start_run(client, version)
         try:
             subjects = load_subjects(bundle, production, cfg.compare_base, device, dtype)
-            results = _measure(cfg, inputs, subjects, gates)
+            results, seconds = _measure(cfg, inputs, subjects, gates)
             if prod_version == version.version:
                 _mirror_production(results)
             merged: dict[str, dict[str, Metric]] = {}
@@ -199,6 +208,8 @@ def run_evaluation(
                 version.name, version.version, all(g.passed for g in gate_results), gate_results, run_id
             )
             _log(client, run_id, version, bundle, cfg, inputs, results, outcome, prod_version)
+            for suite, took in seconds.items():
+                client.log_metric(run_id, f"eval.seconds.{suite}", took)
             client.log_metric(run_id, "eval.seconds", time.perf_counter() - started)
             client.set_terminated(run_id, "FINISHED")
         except BaseException:
