@@ -17,7 +17,7 @@ from core.chat import prompt_ids
 from evaluate.bootstrap import Metric
 from evaluate.readers import BbqItem
 from evaluate.results import SuiteResult
-from evaluate.scoring import Subject, continuation_logprobs
+from evaluate.scoring import Subject, shared_prompt_logprobs
 
 
 def question_text(item: BbqItem) -> str:
@@ -27,15 +27,19 @@ def question_text(item: BbqItem) -> str:
 
 def predict(subject: Subject, items: list[BbqItem], batch_size: int) -> np.ndarray:
     """Index of the answer with the highest summed log-likelihood after the chat prompt, per item."""
-    pairs = []
-    for item in items:
-        messages = [{"role": "user", "content": question_text(item)}]
-        prompt = prompt_ids(subject.tokenizer, messages, subject.chat_template, subject.system_prompt)
-        for answer in item.answers:
-            pairs.append((prompt, list(subject.tokenizer(answer, add_special_tokens=False)["input_ids"])))
-    logprobs = continuation_logprobs(subject, pairs, batch_size, desc="bbq: scoring answers")
-    sums = np.array([lp.sum() for lp in logprobs]).reshape(len(items), 3)
-    return sums.argmax(axis=1)
+    tok = subject.tokenizer
+    prompts = [
+        prompt_ids(
+            tok,
+            [{"role": "user", "content": question_text(it)}],
+            subject.chat_template,
+            subject.system_prompt,
+        )
+        for it in items
+    ]
+    answers = [[list(tok(a, add_special_tokens=False)["input_ids"]) for a in it.answers] for it in items]
+    logprobs = shared_prompt_logprobs(subject, prompts, answers, batch_size, desc="bbq: scoring answers")
+    return np.array([int(np.argmax([lp.sum() for lp in three])) for three in logprobs])
 
 
 def _bias(biased: np.ndarray, non_unknown: np.ndarray) -> float:

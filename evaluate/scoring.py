@@ -148,3 +148,51 @@ def generate_greedy(
             for row, i in enumerate(batch):
                 out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
     return out
+
+
+def shared_prompt_logprobs(
+    subject: Subject,
+    prompts: Sequence[list[int]],
+    continuations: Sequence[Sequence[list[int]]],
+    batch_size: int,
+    desc: str = "scoring",
+) -> list[list[np.ndarray]]:
+    """Like `continuation_logprobs` for several continuations of one prompt, running each prompt once.
+
+    Multiple-choice items (BBQ's three answers) share a long prompt: the prompt is prefilled once, its KV
+    cache is repeated per continuation, and the right-padded continuations are scored on top of it.
+    """
+    tokenizer = subject.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else subject.eos_ids[0]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[np.ndarray]] = [[] for _ in prompts]
+    with subject.active() as model:
+        device = _device_of(model)
+        for batch in tqdm(list(_batches(order, batch_size)), desc=f"{desc} [{subject.label}]", leave=False):
+            rows = [list(prompts[i])[-(MAX_TOKENS // 2) :] for i in batch]
+            inputs = _left_pad(rows, pad_id, device)
+            prefill = model(**inputs, use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(prefill.logits[:, -1].float(), dim=-1)
+            flat = [(b, list(c)) for b, i in enumerate(batch) for c in continuations[i]]
+            if any(not c for _, c in flat):
+                raise ValueError("every scored continuation needs at least one token")
+            owner = torch.tensor([b for b, _ in flat], device=device)
+            cache = prefill.past_key_values
+            cache.reorder_cache(owner)
+            width = max(len(c) for _, c in flat)
+            ids = torch.full((len(flat), width), pad_id, dtype=torch.long, device=device)
+            mask = torch.zeros((len(flat), width), dtype=torch.long, device=device)
+            for r, (_, c) in enumerate(flat):
+                ids[r, : len(c)] = torch.tensor(c, device=device)
+                mask[r, : len(c)] = 1
+            full_mask = torch.cat([inputs["attention_mask"][owner], mask], dim=1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+            logits = model(
+                input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache
+            ).logits.float()
+            rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            head = first[owner].gather(-1, ids[:, :1]).squeeze(-1)
+            scores = torch.cat([head.unsqueeze(-1), rest], dim=1).cpu().double().numpy()
+            for r, (b, c) in enumerate(flat):
+                out[batch[b]].append(scores[r, : len(c)])
+    return out

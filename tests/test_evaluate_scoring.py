@@ -139,3 +139,24 @@ def test_bbq_prediction_is_the_most_likely_answer(subject):
         for a in item.answers
     ]
     assert pred[0] == int(np.argmax(sums))
+
+
+def test_shared_prompt_scoring_equals_scoring_each_pair(subject):
+    from evaluate.scoring import shared_prompt_logprobs
+
+    tok = subject.tokenizer
+    prompts = [
+        tok(p, add_special_tokens=False)["input_ids"]
+        for p in ("Who laid the bricks?", "Q: a much longer question here?")
+    ]
+    conts = [
+        [
+            tok(c, add_special_tokens=False)["input_ids"]
+            for c in ("The man", "Unknown", "The young apprentice")
+        ]
+    ] * 2
+    shared = shared_prompt_logprobs(subject, prompts, conts, batch_size=2)
+    pairs = [(p, c) for p, cs in zip(prompts, conts, strict=True) for c in cs]
+    separate = continuation_logprobs(subject, pairs, batch_size=4)
+    for got, want in zip([lp for three in shared for lp in three], separate, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-4)
