@@ -5,8 +5,8 @@ Targets, run one after another on the same model (SmolLM2-135M-Instruct, bf16 wh
   serial       the same gateway with max_batch_size=1: one request at a time
   hf-serve     `transformers serve --continuous-batching` on the converted base folder
   in-process   PeftModel.generate in this process, 1 client (no HTTP), the single-stream reference
-The adapter is a LoRA initialised to zero (B=0): it runs like any adapter (unmerged) but answers exactly as the
-base, so every target produces the same greedy text and lengths. Each client sends the same fixed chat
+The adapter is a LoRA initialised to zero (B=0): it runs like any adapter (unmerged) but answers exactly as
+the base, so every target produces the same greedy text and lengths. Each client sends the same fixed chat
 requests (temperature 0, max_tokens fixed) and streams them; reported: TTFT, inter-token latency and e2e
 latency (p50/p99), output tokens/s over the whole run, failures.
 
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,18 +64,24 @@ class Result:
             if not values:
                 return float("nan")
             values = sorted(values)
-            return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+            return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
         ttft = [s.ttft for s in self.samples]
         itl = [x for s in self.samples for x in s.itl]
         e2e = [s.e2e for s in self.samples]
         tokens = sum(s.tokens for s in self.samples)
         return {
-            "target": self.target, "clients": self.clients, "requests": len(self.samples),
-            "failures": self.failures, "tok_s": tokens / self.wall if self.wall else 0.0,
-            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99),
-            "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99),
-            "e2e_p50": pct(e2e, 0.5), "e2e_p99": pct(e2e, 0.99),
+            "target": self.target,
+            "clients": self.clients,
+            "requests": len(self.samples),
+            "failures": self.failures,
+            "tok_s": tokens / self.wall if self.wall else 0.0,
+            "ttft_p50": pct(ttft, 0.5),
+            "ttft_p99": pct(ttft, 0.99),
+            "itl_p50": pct(itl, 0.5),
+            "itl_p99": pct(itl, 0.99),
+            "e2e_p50": pct(e2e, 0.5),
+            "e2e_p99": pct(e2e, 0.99),
             "mean_tokens": tokens / len(self.samples) if self.samples else 0.0,
         }
 
@@ -91,8 +97,13 @@ async def one_request(client, model: str, question: str, max_tokens: int) -> Sam
     stamps: list[float] = []
     usage_tokens = None
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
@@ -101,8 +112,12 @@ async def one_request(client, model: str, question: str, max_tokens: int) -> Sam
     end = time.perf_counter()
     if not stamps:
         raise RuntimeError("no content")
-    return Sample(stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)], end - start,
-                  usage_tokens if usage_tokens is not None else len(stamps))
+    return Sample(
+        stamps[0] - start,
+        [b - a for a, b in itertools.pairwise(stamps)],
+        end - start,
+        usage_tokens if usage_tokens is not None else len(stamps),
+    )
 
 
 async def load(base_url: str, model: str, target: str, clients: int, requests: int, max_tokens: int) -> Result:
@@ -157,10 +172,17 @@ def register_version(work: Path) -> str:
 
     base = resolve_base_model("smollm2-135m-instruct")
     tokenizer = load_tokenizer(base)
-    model = get_peft_model(load_causal_lm(base, torch.device("cpu"), torch.float32),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    manifest = Manifest(base_model=base.name, base_digest=base.digest, chat_template=tokenizer.chat_template,
-                        eos_token=tokenizer.eos_token, job_name="bench")
+    model = get_peft_model(
+        load_causal_lm(base, torch.device("cpu"), torch.float32),
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+    )
+    manifest = Manifest(
+        base_model=base.name,
+        base_digest=base.digest,
+        chat_template=tokenizer.chat_template,
+        eos_token=tokenizer.eos_token,
+        job_name="bench",
+    )
     bundle = write_bundle(work / "bundle", model, tokenizer, manifest)
     uri = f"sqlite:///{work}/mlflow.db"
     os.chdir(work)
@@ -175,14 +197,33 @@ def register_version(work: Path) -> str:
 def start_gateway(uri: str, port: int, max_batch: int, work: Path, threads: int) -> subprocess.Popen:
     """`tuneops serve --config` through the real CLI command (tuneops/cli_serve.py)."""
     config = work / f"serve-{port}.yaml"
-    config.write_text(json.dumps({
-        "models": [MODEL_NAME], "tracking_uri": uri, "port": port, "poll_interval_s": 60, "cpu_threads": threads,
-        "limits": {"max_batch_size": max_batch, "max_queue": 256, "queue_timeout_s": 600, "max_tokens": 1024},
-    }))
-    code = ("import typer; from tuneops.cli_serve import register; app = typer.Typer(); register(app); "
-            "app(['serve', '--config', %r])" % str(config))
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=open(work / f"gateway-{port}.log", "w"))
+    config.write_text(
+        json.dumps(
+            {
+                "models": [MODEL_NAME],
+                "tracking_uri": uri,
+                "port": port,
+                "poll_interval_s": 60,
+                "cpu_threads": threads,
+                "limits": {
+                    "max_batch_size": max_batch,
+                    "max_queue": 256,
+                    "queue_timeout_s": 600,
+                    "max_tokens": 1024,
+                },
+            }
+        )
+    )
+    code = (
+        "import typer; from tuneops.cli_serve import register; app = typer.Typer(); register(app); "
+        f"app(['serve', '--config', {str(config)!r}])"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=(work / f"gateway-{port}.log").open("w"),
+    )
 
 
 def start_hf_serve(port: int, work: Path, threads: int) -> tuple[subprocess.Popen, str]:
@@ -190,10 +231,25 @@ def start_hf_serve(port: int, work: Path, threads: int) -> tuple[subprocess.Pope
 
     path = str(resolve_base_model("smollm2-135m-instruct").path)
     exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
-    proc = subprocess.Popen([exe, "serve", path, "--continuous-batching", "--device", "cpu", "--dtype",
-                             "bfloat16", "--port", str(port), "--host", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=open(work / "hf-serve.log", "w"),
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    proc = subprocess.Popen(
+        [
+            exe,
+            "serve",
+            path,
+            "--continuous-batching",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(work / "hf-serve.log").open("w"),
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     return proc, path
 
 
@@ -231,34 +287,45 @@ def in_process(max_tokens: int, requests: int, threads: int) -> Result:
     result = Result("in-process", 1)
     start_all = time.perf_counter()
     for i in range(requests + 1):
-        ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])],
-                           device=device)
+        ids = torch.tensor(
+            [prompt_ids(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])], device=device
+        )
         clock = Clock()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, streamer=clock, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                streamer=clock,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
         end = time.perf_counter()
         if i == 0:  # warm-up
             start_all = time.perf_counter()
             continue
         n = out.shape[1] - ids.shape[1]
         s = clock.stamps
-        result.samples.append(Sample(s[0] - start, [b - a for a, b in zip(s, s[1:], strict=False)], end - start, n))
+        result.samples.append(Sample(s[0] - start, [b - a for a, b in itertools.pairwise(s)], end - start, n))
     result.wall = time.perf_counter() - start_all
     return result
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| target | clients | requests | failures | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
-            "| e2e p50 / p99 (s) | mean tokens |")
+    head = (
+        "| target | clients | requests | failures | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+        "| e2e p50 / p99 (s) | mean tokens |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r['target']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['tok_s']:.1f} | "
-                     f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {r['itl_p50'] * 1e3:.1f} / "
-                     f"{r['itl_p99'] * 1e3:.1f} | {r['e2e_p50']:.2f} / {r['e2e_p99']:.2f} | "
-                     f"{r['mean_tokens']:.0f} |")
+        lines.append(
+            f"| {r['target']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['tok_s']:.1f} | "
+            f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {r['itl_p50'] * 1e3:.1f} / "
+            f"{r['itl_p99'] * 1e3:.1f} | {r['e2e_p50']:.2f} / {r['e2e_p99']:.2f} | "
+            f"{r['mean_tokens']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -266,12 +333,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client (at least 6 at 1 client)")
+    parser.add_argument(
+        "--requests", type=int, nargs="+", default=[4, 8, 16], help="requests sent at each --clients level (same order)"
+    )
     parser.add_argument("--targets", nargs="+", default=["gateway", "hf-serve", "serial", "in-process"])
     parser.add_argument("--json", type=Path, help="write the rows here too")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for every target (gateway cpu_threads, OMP_NUM_THREADS for "
-                             "transformers serve, torch.set_num_threads in-process): equal for a fair run")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for every target (gateway cpu_threads, OMP_NUM_THREADS for "
+        "transformers serve, torch.set_num_threads in-process): equal for a fair run",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
@@ -281,16 +354,13 @@ def main() -> None:
     rows: list[dict] = []
 
     def requests_for(c: int) -> int:
-        return max(6, c * args.rounds)
+        return dict(zip(args.clients, args.requests, strict=False)).get(c, max(4, c))
 
     def run_server(target: str, proc: subprocess.Popen, port: int, model: str, ready: str) -> None:
         try:
             wait_http(f"http://127.0.0.1:{port}{ready}", proc)
             for c in args.clients:
-                if target == "serial" and c > 4:
-                    n = 2 * c  # one at a time is slow: keep the run short
-                else:
-                    n = requests_for(c)
+                n = requests_for(c)
                 res = asyncio.run(load(f"http://127.0.0.1:{port}/v1", model, target, c, n, args.max_tokens))
                 rows.append(res.row())
                 print(table([rows[-1]]).splitlines()[-1], flush=True)
@@ -306,7 +376,13 @@ def main() -> None:
         port = free_port()
         try:
             if target == "gateway":
-                run_server(target, start_gateway(uri, port, 32, work, args.threads), port, MODEL_NAME, "/health/ready")
+                run_server(
+                    target,
+                    start_gateway(uri, port, 32, work, args.threads),
+                    port,
+                    MODEL_NAME,
+                    "/health/ready",
+                )
             elif target == "serial":
                 run_server(target, start_gateway(uri, port, 1, work, args.threads), port, MODEL_NAME, "/health/ready")
             elif target == "hf-serve":

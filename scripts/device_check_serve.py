@@ -1,5 +1,5 @@
-"""CUDA check for the gateway (< 2 min): serve a LoRA version of SmolLM2 on the GPU, stream concurrent requests
-through the official OpenAI client, and print tokens/s at 1 and 16 clients.
+"""CUDA check for the gateway (< 2 min): serve a LoRA version of SmolLM2 on the GPU, send concurrent
+requests through the official OpenAI client, and print tokens/s at 1 and 16 clients.
 
     python scripts/device_check_serve.py [--base smollm2-135m-instruct|/path/to/hf-folder] [--clients 16]
 
@@ -50,10 +50,16 @@ def main() -> int:
     os.chdir(work)
     base = resolve_base_model(args.base)
     tok = load_tokenizer(base)
-    model = get_peft_model(load_causal_lm(base, torch.device("cpu"), torch.float32),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    manifest = Manifest(base_model=args.base if not Path(args.base).exists() else str(base.path),
-                        base_digest=base.digest, chat_template=tok.chat_template, eos_token=tok.eos_token)
+    model = get_peft_model(
+        load_causal_lm(base, torch.device("cpu"), torch.float32),
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+    )
+    manifest = Manifest(
+        base_model=args.base if not Path(args.base).exists() else str(base.path),
+        base_digest=base.digest,
+        chat_template=tok.chat_template,
+        eos_token=tok.eos_token,
+    )
     bundle = write_bundle(work / "bundle", model, tok, manifest)
     uri = f"sqlite:///{work}/mlflow.db"
     client = connect(uri)
@@ -66,8 +72,13 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = ServeSettings(models=["check-model"], tracking_uri=uri, device="cuda", port=port,
-                             limits={"max_batch_size": 32, "max_queue": 64, "max_tokens": 512})
+    settings = ServeSettings(
+        models=["check-model"],
+        tracking_uri=uri,
+        device="cuda",
+        port=port,
+        limits={"max_batch_size": 32, "max_queue": 64, "max_tokens": 512},
+    )
     server = make_server(settings)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -88,12 +99,20 @@ def main() -> int:
     gateway = server.config.app.state.gateway
     print(f"engine device: {gateway.engine.device}, dtype: {gateway.engine.base.dtype}")
     api = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    questions = ["How do I renew my passport?", "What is a building permit?", "When is trash collected?",
-                 "How do I pay a parking fine?"]
+    questions = [
+        "How do I renew my passport?",
+        "What is a building permit?",
+        "When is trash collected?",
+        "How do I pay a parking fine?",
+    ]
 
     def ask(i: int) -> int:
-        out = api.chat.completions.create(model="check-model", max_tokens=args.max_tokens, temperature=0,
-                                          messages=[{"role": "user", "content": questions[i % len(questions)]}])
+        out = api.chat.completions.create(
+            model="check-model",
+            max_tokens=args.max_tokens,
+            temperature=0,
+            messages=[{"role": "user", "content": questions[i % len(questions)]}],
+        )
         return out.usage.completion_tokens
 
     failures = 0

@@ -1,0 +1,12 @@
+"""The inference gateway: promoted registry versions behind an OpenAI-compatible API.
+
+settings.py   ServeSettings (YAML + TUNEOPS_SERVE_* environment)
+protocol.py   OpenAI request/response bodies
+errors.py     APIError family and the one place exceptions become HTTP responses
+engine.py     continuous batching over one base model with many LoRA adapters (kv_batch.py, sampling.py,
+              detokenizer.py)
+versions.py   NAME / NAME@ALIAS / NAME/VERSION -> loaded adapter; alias watching, warm-up, atomic switch
+serving.py    OpenAI chat/text completions on the engine, streaming and not
+auth.py, middleware.py, metrics.py   API keys, request ids and body limit, Prometheus metrics
+app.py, api.py, server.py            app factory with lifespan, thin routes, uvicorn with drain on SIGTERM
+"""

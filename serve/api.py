@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,30 +42,31 @@ async def _complete(request: Request, gateway: Gateway, chat: bool) -> Response:
     prep = await (s.prepare_chat(req) if chat else s.prepare_completion(req))
     rid = request_id.get()
     if prep.stream:
-        return StreamingResponse(s.stream(prep, rid, chat, req.model), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return StreamingResponse(
+            s.stream(prep, rid, chat, req.model), media_type="text/event-stream", headers=SSE_HEADERS
+        )
     body = await s.complete(prep, rid, chat, req.model, request.is_disconnected)
     return JSONResponse(body.model_dump())
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request, gateway: Gateway = Depends(serving)) -> Response:
+async def chat_completions(request: Request, gateway: Annotated[Gateway, Depends(serving)]) -> Response:
     return await _complete(request, gateway, chat=True)
 
 
 @router.post("/v1/completions")
-async def completions(request: Request, gateway: Gateway = Depends(serving)) -> Response:
+async def completions(request: Request, gateway: Annotated[Gateway, Depends(serving)]) -> Response:
     return await _complete(request, gateway, chat=False)
 
 
 @router.get("/v1/models")
-async def models(gateway: Gateway = Depends(authenticated)) -> p.ModelList:
+async def models(gateway: Annotated[Gateway, Depends(authenticated)]) -> p.ModelList:
     rows = await asyncio.to_thread(gateway.directory.listing)
     return p.ModelList(data=[p.ModelCard(id=i, created=c, parent=parent, root=parent) for i, parent, c in rows])
 
 
 @router.get("/v1/models/{model:path}")
-async def model(model: str, gateway: Gateway = Depends(authenticated)) -> p.ModelCard:
+async def model(model: str, gateway: Annotated[Gateway, Depends(authenticated)]) -> p.ModelCard:
     for i, parent, c in await asyncio.to_thread(gateway.directory.listing):
         if i == model:
             return p.ModelCard(id=i, created=c, parent=parent, root=parent)

@@ -34,8 +34,12 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics()
         limits = settings.limits
-        self.engine = Engine(max_batch=limits.max_batch_size, max_queue=limits.max_queue,
-                             queue_timeout_s=limits.queue_timeout_s, metrics=self.metrics)
+        self.engine = Engine(
+            max_batch=limits.max_batch_size,
+            max_queue=limits.max_queue,
+            queue_timeout_s=limits.queue_timeout_s,
+            metrics=self.metrics,
+        )
         self.directory = VersionDirectory(settings, self.engine, self.metrics, workdir)
         self.serving = OpenAIServing(self.engine, self.directory, limits, settings.log_prompts)
         self.keys = KeyCheck(settings.api_keys)
@@ -90,8 +94,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await asyncio.to_thread(gateway.engine.stop)
 
-    app = FastAPI(title="tuneops gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="tuneops gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(app)
     app.include_router(router)
     app.add_middleware(GatewayMiddleware, max_body_bytes=settings.limits.max_body_bytes)

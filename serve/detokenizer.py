@@ -33,11 +33,11 @@ class Detokenizer:
             end -= 1
         if end <= self.sent:
             return "", False
-        delta, self.sent = text[self.sent:end], end
+        delta, self.sent = text[self.sent : end], end
         return delta, False
 
     def flush(self) -> str:
         """Everything not yet sent (at the end of generation)."""
-        delta = self.text[self.sent:] if len(self.text) > self.sent else ""
+        delta = self.text[self.sent :] if len(self.text) > self.sent else ""
         self.sent = max(self.sent, len(self.text))
         return delta

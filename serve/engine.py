@@ -67,7 +67,7 @@ Event = Delta | Finished | Failed
 
 @dataclass(eq=False)
 class Job:
-    """One prompt with `n` choices, bound to one loaded adapter; events go to `sink` from the engine thread."""
+    """One prompt with `n` choices on one loaded adapter; events go to `sink` from the engine thread."""
 
     request_id: str
     adapter: str
@@ -132,7 +132,7 @@ class Engine:
             self._cv.notify_all()
         return future
 
-    # adapters (engine thread only) -----------------------------------------------------------------------
+    # adapters (engine thread only) ----------------------------------------------------------------
 
     def load_base(self, base: Any, tokenizer: Any, device: torch.device) -> None:
         self.base, self.tokenizer, self.device = base, tokenizer, device
@@ -149,7 +149,7 @@ class Engine:
         self._active = None
 
     def remove_adapter(self, name: str) -> bool:
-        """Unload an adapter no row or queued request uses; the last adapter stays (it holds the PeftModel)."""
+        """Unload an adapter nothing uses; the last one stays (it holds the PeftModel)."""
         if self.model is None or name not in self.model.peft_config or len(self.model.peft_config) == 1:
             return False
         if any(r.job.adapter == name for r in self._rows) or any(j.adapter == name for j in self._waiting):
@@ -158,7 +158,7 @@ class Engine:
         self._active = None
         return True
 
-    # requests ------------------------------------------------------------------------------------------------
+    # requests -------------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
@@ -178,18 +178,15 @@ class Engine:
             self._waiting.append(job)
             self._cv.notify_all()
 
-    def idle(self) -> bool:
-        return not self._rows and not self._waiting
-
     def _busy_rows(self) -> int:
         return len(self._rows) + sum(j.params.n for j in self._waiting)
 
-    # the loop ------------------------------------------------------------------------------------------------
+    # the loop -------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._rows and not self._calls:
+                while not (self._stopping or self._calls or self._rows or (self._waiting and self.model is not None)):
                     self._cv.wait(0.5)
                 if self._stopping:
                     break
@@ -263,8 +260,15 @@ class Engine:
         elif self._batch is not None:
             self._batch.select(keep)
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Any, adapters: list[str], **kwargs: Any) -> torch.Tensor:
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        adapters: list[str],
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """One forward pass; rows of one adapter skip peft's per-row split and its per-call hook setup."""
         if len(set(adapters)) == 1:
             if self._active != adapters[0]:
@@ -294,8 +298,9 @@ class Engine:
         width = max(len(j.prompt_ids) for j in jobs)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
-                            device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=self.device
+        )
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
         for job in jobs:
@@ -328,8 +333,12 @@ class Engine:
     def _emit(self, logits: torch.Tensor, which: list[int]) -> None:
         """Sample the next token of rows `which` (logits row i belongs to row which[i]), stream and finish."""
         rows = [self._rows[i] for i in which]
-        tokens = sample(logits, [r.job.params.temperature for r in rows], [r.job.params.top_p for r in rows],
-                        [r.generator for r in rows])
+        tokens = sample(
+            logits,
+            [r.job.params.temperature for r in rows],
+            [r.job.params.top_p for r in rows],
+            [r.generator for r in rows],
+        )
         now = time.monotonic()
         done: set[int] = set()
         for pos, (row, token) in zip(which, zip(rows, tokens, strict=True), strict=True):

@@ -18,8 +18,14 @@ class APIError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -95,8 +101,7 @@ class QueueFull(APIError):
     code = "queue_full"
 
     def __init__(self, retry_after_s: int) -> None:
-        super().__init__("The server is at capacity; retry later.",
-                         headers={"Retry-After": str(max(1, retry_after_s))})
+        super().__init__("The server is at capacity; retry later.", headers={"Retry-After": str(max(1, retry_after_s))})
 
 
 class NotReady(APIError):
@@ -135,8 +140,7 @@ def install_handlers(app: Any) -> None:
     from starlette.responses import Response
 
     def respond(error: APIError) -> Response:
-        return Response(render(error), status_code=error.status, media_type="application/json",
-                        headers=error.headers)
+        return Response(render(error), status_code=error.status, media_type="application/json", headers=error.headers)
 
     async def api_error(_request: Any, exc: APIError) -> Response:
         return respond(exc)

@@ -2,7 +2,8 @@
 
 Rows are left-padded to a common length; an attention mask marks the real positions and each row's position
 ids are its count of real tokens. Joining pads the shorter side on the left and concatenates; leaving selects
-rows and drops columns that became padding for every row. Only full-attention layers (DynamicLayer) are handled.
+rows and drops columns that became padding for every row. Only full-attention layers (DynamicLayer)
+are handled.
 """
 
 from __future__ import annotations

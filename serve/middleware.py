@@ -54,8 +54,13 @@ class GatewayMiddleware:
             await send(message)
 
         async def error(exc: APIError) -> None:
-            await send_with_id({"type": "http.response.start", "status": exc.status,
-                                "headers": [(b"content-type", b"application/json")]})
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": exc.status,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
             await send_with_id({"type": "http.response.body", "body": render(exc)})
 
         try:
@@ -76,6 +81,5 @@ class GatewayMiddleware:
             await self.app(scope, counted_receive, send_with_id)
         finally:
             if scope["path"] not in ("/health/live", "/health/ready", "/health/startup", "/metrics"):
-                log.info("%s %s %s %.3fs", scope["method"], scope["path"], status[0],
-                         time.perf_counter() - started)
+                log.info("%s %s %s %.3fs", scope["method"], scope["path"], status[0], time.perf_counter() - started)
             request_id.reset(token)

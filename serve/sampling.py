@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import torch
 
-
 BROKEN = -1  # the token returned for a row whose logits are NaN or infinite (a broken adapter)
 
 
-def sample(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
-           generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    temperatures: list[float],
+    top_ps: list[float],
+    generators: list[torch.Generator | None],
+) -> list[int]:
     """`logits` is `[rows, vocab]`; returns one token id per row, `BROKEN` where the logits are not finite."""
     logits = logits.float()
     bad = (~torch.isfinite(logits).all(dim=1)).tolist()

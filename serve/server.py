@@ -41,9 +41,15 @@ class GatewayServer(uvicorn.Server):
 def make_server(settings: ServeSettings, port: int | None = None) -> GatewayServer:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = build_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port if port is None else port,
-                            log_config=None, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-                            access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port if port is None else port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        access_log=False,
+        lifespan="on",
+    )
     return GatewayServer(config)
 
 

@@ -1,4 +1,4 @@
-"""OpenAI chat and text completions on the engine: validate, admit, generate, and shape the answer or the stream.
+"""OpenAI chat and text completions on the engine: validate, admit, generate, shape the answer or stream.
 
 Everything a request can get wrong is checked before any work (unsupported parameters, limits, context
 length). A streamed request that fails after its headers were sent ends with an SSE error event. When the
@@ -74,11 +74,13 @@ def parse(model: type[p.Strict], raw: bytes) -> Any:
         loc = [str(x) for x in err["loc"] if not str(x).startswith(("str", "list[", "int", "function-"))]
         param = ".".join(loc) or None
         if err["type"] == "extra_forbidden":
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param,
-                                 code="unknown_parameter") from None
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
+            ) from None
         if err["type"] == "missing":
-            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param,
-                                 code="missing_required_parameter") from None
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+            ) from None
         raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
 
 
@@ -93,8 +95,9 @@ def refuse_unsupported(req: p.SamplingFields) -> None:
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
 
 
-def sampling(req: p.SamplingFields, limits: Limits, prompt_len: int, max_model_len: int,
-             max_tokens: int | None) -> SamplingParams:
+def sampling(
+    req: p.SamplingFields, limits: Limits, prompt_len: int, max_model_len: int, max_tokens: int | None
+) -> SamplingParams:
     n = req.n or 1
     if n > limits.max_n:
         raise InvalidRequest(f"'n' may be at most {limits.max_n}.", param="n")
@@ -107,12 +110,16 @@ def sampling(req: p.SamplingFields, limits: Limits, prompt_len: int, max_model_l
     if max_tokens is not None and max_tokens > room:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
-            "Please reduce the length of the messages or completion.", param="messages")
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the "
+            "completion). "
+            "Please reduce the length of the messages or completion.",
+            param="messages",
+        )
     if room < 1:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {max_model_len} tokens, and the prompt has {prompt_len}.",
-            param="messages")
+            param="messages",
+        )
     temperature = 1.0 if req.temperature is None else req.temperature
     return SamplingParams(
         max_tokens=max_tokens or min(limits.default_max_tokens, room),
@@ -160,34 +167,48 @@ class OpenAIServing:
         refuse_unsupported(req)
         messages = chat_messages(req)
         if req.max_tokens is not None and req.max_completion_tokens is not None:
-            raise InvalidRequest("Set 'max_tokens' or 'max_completion_tokens', not both.",
-                                 param="max_completion_tokens")
+            raise InvalidRequest(
+                "Set 'max_tokens' or 'max_completion_tokens', not both.", param="max_completion_tokens"
+            )
         served = await self.served(req.model)
         m = served.manifest
         try:
             ids = prompt_ids(self.directory.tokenizer, messages, m.chat_template, m.system_prompt)
         except Exception as exc:  # a template that rejects the conversation (e.g. roles out of order)
-            raise InvalidRequest(f"The messages cannot be rendered with the model's chat template: {exc}",
-                                 param="messages") from None
-        params = sampling(req, self.limits, len(ids), self.directory.max_model_len,
-                          req.max_completion_tokens or req.max_tokens)
+            raise InvalidRequest(
+                f"The messages cannot be rendered with the model's chat template: {exc}", param="messages"
+            ) from None
+        params = sampling(
+            req,
+            self.limits,
+            len(ids),
+            self.directory.max_model_len,
+            req.max_completion_tokens or req.max_tokens,
+        )
         if self.log_prompts:
             log.info("prompt: %s", json.dumps(messages))
-        return Prepared(served, [ids], params, bool(req.stream), bool(req.stream_options and
-                                                                        req.stream_options.include_usage))
+        return Prepared(
+            served,
+            [ids],
+            params,
+            bool(req.stream),
+            bool(req.stream_options and req.stream_options.include_usage),
+        )
 
     async def prepare_completion(self, req: p.CompletionRequest) -> Prepared:
         refuse_unsupported(req)
-        prompts: list[Any] = [req.prompt] if isinstance(req.prompt, str) or (
-            req.prompt and isinstance(req.prompt[0], int)) else list(req.prompt)
+        prompts: list[Any] = (
+            [req.prompt]
+            if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
+            else list(req.prompt)
+        )
         if not prompts:
             raise InvalidRequest("'prompt' is empty.", param="prompt")
         if len(prompts) > self.limits.max_prompts:
             raise InvalidRequest(f"'prompt' may hold at most {self.limits.max_prompts} prompts.", param="prompt")
         served = await self.served(req.model)
         tok = self.directory.tokenizer
-        ids = [list(x) if isinstance(x, list) else list(tok(x, add_special_tokens=True)["input_ids"])
-               for x in prompts]
+        ids = [list(x) if isinstance(x, list) else list(tok(x, add_special_tokens=True)["input_ids"]) for x in prompts]
         if any(not x for x in ids):
             raise InvalidRequest("'prompt' must not be empty.", param="prompt")
         if any(t < 0 or t >= len(tok) for x in ids for t in x):
@@ -195,8 +216,13 @@ class OpenAIServing:
         params = sampling(req, self.limits, max(map(len, ids)), self.directory.max_model_len, req.max_tokens)
         if self.log_prompts:
             log.info("prompt: %s", json.dumps(prompts))
-        return Prepared(served, ids, params, bool(req.stream), bool(req.stream_options and
-                                                                      req.stream_options.include_usage))
+        return Prepared(
+            served,
+            ids,
+            params,
+            bool(req.stream),
+            bool(req.stream_options and req.stream_options.include_usage),
+        )
 
     def submit(self, prep: Prepared, request_id: str) -> tuple[asyncio.Queue[Event], list[Job]]:
         """Queue one job per prompt; their events arrive on one asyncio queue."""
@@ -209,8 +235,16 @@ class OpenAIServing:
         jobs = []
         try:
             for i, ids in enumerate(prep.prompts):
-                job = Job(request_id, prep.served.adapter, ids, prep.params, prep.served.eos_ids, sink,
-                          prep.served.labels, choice_offset=i * prep.params.n)
+                job = Job(
+                    request_id,
+                    prep.served.adapter,
+                    ids,
+                    prep.params,
+                    prep.served.eos_ids,
+                    sink,
+                    prep.served.labels,
+                    choice_offset=i * prep.params.n,
+                )
                 self.engine.submit(job, self.limits.retry_after_s)
                 jobs.append(job)
         except APIError:
@@ -219,8 +253,9 @@ class OpenAIServing:
             raise
         return queue, jobs
 
-    async def events(self, queue: asyncio.Queue[Event], jobs: list[Job],
-                     disconnected: Callable[[], Any] | None = None) -> AsyncIterator[Event]:
+    async def events(
+        self, queue: asyncio.Queue[Event], jobs: list[Job], disconnected: Callable[[], Any] | None = None
+    ) -> AsyncIterator[Event]:
         """Engine events until every choice finished; cancels the jobs if the consumer stops early."""
         remaining = sum(j.params.n for j in jobs)
         checked = time.monotonic()
@@ -246,8 +281,9 @@ class OpenAIServing:
             for job in jobs:
                 job.cancelled = True
 
-    async def complete(self, prep: Prepared, request_id: str, chat: bool, name: str,
-                       disconnected: Callable[[], Any]) -> p.ChatCompletion | p.Completion:
+    async def complete(
+        self, prep: Prepared, request_id: str, chat: bool, name: str, disconnected: Callable[[], Any]
+    ) -> p.ChatCompletion | p.Completion:
         queue, jobs = self.submit(prep, request_id)
         texts: dict[int, str] = {}
         reasons: dict[int, str] = {}
@@ -260,25 +296,39 @@ class OpenAIServing:
         usage = self.usage(prep, tokens)
         indices = sorted(reasons)
         if chat:
-            return p.ChatCompletion(model=name, usage=usage, choices=[
-                p.ChatChoice(index=i, message=p.AssistantMessage(content=texts.get(i, "")),
-                             finish_reason=reasons[i]) for i in indices])
-        return p.Completion(model=name, usage=usage, choices=[
-            p.CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=reasons[i]) for i in indices])
+            return p.ChatCompletion(
+                model=name,
+                usage=usage,
+                choices=[
+                    p.ChatChoice(
+                        index=i,
+                        message=p.AssistantMessage(content=texts.get(i, "")),
+                        finish_reason=reasons[i],
+                    )
+                    for i in indices
+                ],
+            )
+        return p.Completion(
+            model=name,
+            usage=usage,
+            choices=[p.CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=reasons[i]) for i in indices],
+        )
 
     @staticmethod
     def usage(prep: Prepared, completion_tokens: int) -> p.Usage:
         prompt = sum(len(x) for x in prep.prompts)
-        return p.Usage(prompt_tokens=prompt, completion_tokens=completion_tokens,
-                       total_tokens=prompt + completion_tokens)
+        return p.Usage(
+            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
+        )
 
     def stream(self, prep: Prepared, request_id: str, chat: bool, name: str) -> AsyncIterator[str]:
         """SSE lines; admission errors are raised here, before the response starts."""
         queue, jobs = self.submit(prep, request_id)
         return self._stream(prep, queue, jobs, chat, name)
 
-    async def _stream(self, prep: Prepared, queue: asyncio.Queue[Event], jobs: list[Job], chat: bool,
-                      name: str) -> AsyncIterator[str]:
+    async def _stream(
+        self, prep: Prepared, queue: asyncio.Queue[Event], jobs: list[Job], chat: bool, name: str
+    ) -> AsyncIterator[str]:
         created = int(time.time())
         cid = p._id("chatcmpl" if chat else "cmpl")
         usage_field = {"usage": None} if prep.include_usage else {}
@@ -288,12 +338,25 @@ class OpenAIServing:
         def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
             if chat:
                 delta = p.Delta(role="assistant", content="") if first else p.Delta(content=text)
-                body: Any = p.ChatCompletionChunk(id=cid, created=created, model=name, choices=[
-                    p.ChatChunkChoice(index=index, delta=delta if text is not None or first else p.Delta(),
-                                      finish_reason=reason)])
+                body: Any = p.ChatCompletionChunk(
+                    id=cid,
+                    created=created,
+                    model=name,
+                    choices=[
+                        p.ChatChunkChoice(
+                            index=index,
+                            delta=delta if text is not None or first else p.Delta(),
+                            finish_reason=reason,
+                        )
+                    ],
+                )
             else:
-                body = p.Completion(id=cid, created=created, model=name, choices=[
-                    p.CompletionChoice(index=index, text=text or "", finish_reason=reason)])
+                body = p.Completion(
+                    id=cid,
+                    created=created,
+                    model=name,
+                    choices=[p.CompletionChoice(index=index, text=text or "", finish_reason=reason)],
+                )
             data = body.model_dump(exclude_none=False) | usage_field
             if not chat and not prep.include_usage:
                 data.pop("usage", None)
@@ -312,10 +375,13 @@ class OpenAIServing:
                         yield chunk(event.index, event.text, None)
                     yield chunk(event.index, None, event.reason)
             if prep.include_usage:
-                body = (p.ChatCompletionChunk(id=cid, created=created, model=name, choices=[],
-                                              usage=self.usage(prep, tokens)) if chat else
-                        p.Completion(id=cid, created=created, model=name, choices=[],
-                                     usage=self.usage(prep, tokens)))
+                body = (
+                    p.ChatCompletionChunk(
+                        id=cid, created=created, model=name, choices=[], usage=self.usage(prep, tokens)
+                    )
+                    if chat
+                    else p.Completion(id=cid, created=created, model=name, choices=[], usage=self.usage(prep, tokens))
+                )
                 yield f"data: {body.model_dump_json()}\n\n"
         except APIError as exc:
             yield sse_event(exc)

@@ -1,4 +1,4 @@
-"""Gateway settings: a YAML file (`tuneops serve --config`), overridden by `TUNEOPS_SERVE_*` environment variables.
+"""Gateway settings: a YAML file (`tuneops serve --config`), overridden by `TUNEOPS_SERVE_*` variables.
 
 Unknown keys are errors, so a misspelt limit never silently falls back to its default.
 """
@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from core.errors import ConfigError
 
@@ -22,20 +27,26 @@ SHA256 = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together (bounded concurrency); a "
-                                "request with n choices takes n.")
-    max_queue: int = Field(64, ge=0, description="Requests waiting for a batch slot; beyond it, 429 with "
-                           "Retry-After.")
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Sequences decoded together (bounded concurrency); a request with n choices takes n.",
+    )
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a batch slot; beyond it, 429 with Retry-After.")
     queue_timeout_s: float = Field(30.0, gt=0, description="Longest wait in the queue before a 503.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; beyond it, 413.")
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
-    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none (capped by "
-                                    "the context window).")
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens when a request sets none (capped by the context window)."
+    )
     max_n: int = Field(4, ge=1, description="Largest n (choices per prompt).")
     max_stop: int = Field(4, ge=0, description="Most stop strings per request.")
     max_prompts: int = Field(8, ge=1, description="Most prompts in one /v1/completions request.")
-    max_model_len: int | None = Field(None, ge=16, description="Context window (prompt + max_tokens); "
-                                      "default: the base model's max_position_embeddings.")
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="Context window (prompt + max_tokens); default: the base model's max_position_embeddings.",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with a 429.")
 
 
@@ -44,30 +55,51 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TUNEOPS_SERVE_", env_nested_delimiter="__", extra="forbid")
 
-    models: list[str] = Field(min_length=1, description="Registered model names to serve, each as NAME "
-                              "(its production alias), NAME@ALIAS and NAME/VERSION.")
-    tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI; default: "
-                                     "MLFLOW_TRACKING_URI, then sqlite:///mlflow.db.")
+    models: list[str] = Field(
+        min_length=1,
+        description="Registered model names to serve, each as NAME "
+        "(its production alias), NAME@ALIAS and NAME/VERSION.",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking/registry URI; default: MLFLOW_TRACKING_URI, then sqlite:///mlflow.db.",
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on CUDA and on "
-                                                           "CPUs with AMX/AVX512-BF16, else fp32.")
-    cpu_threads: int = Field(1, ge=1, description="Torch threads on CPU. 1 by default: on a few shared "
-                             "cores a multi-threaded team stalls on every barrier when another process "
-                             "holds a core (measured 40x slower decode steps here).")
-    api_keys: list[str] = Field(default_factory=list, description="sha256 hex digests of accepted API keys "
-                                "(optionally prefixed 'sha256:'); empty: no authentication.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32."
+    )
+    cpu_threads: int = Field(
+        1,
+        ge=1,
+        description="Torch threads on CPU. 1 by default: on a few shared "
+        "cores a multi-threaded team stalls on every barrier when another process "
+        "holds a core (measured 40x slower decode steps here).",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="sha256 hex digests of accepted API keys "
+        "(optionally prefixed 'sha256:'); empty: no authentication.",
+    )
     open_metrics: bool = Field(True, description="Serve /metrics without an API key.")
     log_prompts: bool = Field(False, description="Log prompts and completions (off: only sizes are logged).")
     poll_interval_s: float = Field(5.0, gt=0, description="How often the registry is polled for alias moves.")
     warmup_prompt: str = Field("Hello", description="Chat message a new version must answer before it serves.")
-    load_timeout_s: float = Field(300.0, gt=0, description="Longest a version may take to load and answer "
-                                  "the warm-up before it counts as failed.")
-    max_loaded_adapters: int = Field(8, ge=1, description="Adapters kept in memory; the least recently used "
-                                     "one not named by a watched alias is unloaded beyond it.")
-    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may "
-                                   "finish before the server exits.")
+    load_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a version may take to load and answer the warm-up before it counts as failed.",
+    )
+    max_loaded_adapters: int = Field(
+        8,
+        ge=1,
+        description="Adapters kept in memory; the least recently used "
+        "one not named by a watched alias is unloaded beyond it.",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish before the server exits."
+    )
     limits: Limits = Field(default_factory=Limits, description="Admission control.")
 
     @field_validator("api_keys")
@@ -75,14 +107,18 @@ class ServeSettings(BaseSettings):
     def _hashed(cls, keys: list[str]) -> list[str]:
         for key in keys:
             if not SHA256.match(key):
-                raise ValueError("api_keys holds sha256 hex digests, never keys: "
-                                 "`tuneops serve-key-hash` prints one")
+                raise ValueError("api_keys holds sha256 hex digests, never keys: `tuneops serve-key-hash` prints one")
         return [k.removeprefix("sha256:") for k in keys]
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: Any,
-                                   file_secret_settings: Any) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: Any,
+        file_secret_settings: Any,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _YAML_FILE.get()
         if path is not None:
@@ -101,7 +137,8 @@ def load_settings(path: Path | None, **overrides: Any) -> ServeSettings:
     try:
         return ServeSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigError(format_problems(exc, ServeSettings, lines, set(overrides)),
-                          source=str(path) if path else None) from None
+        raise ConfigError(
+            format_problems(exc, ServeSettings, lines, set(overrides)), source=str(path) if path else None
+        ) from None
     finally:
         _YAML_FILE.reset(token)

@@ -9,6 +9,7 @@ keeps the old one serving and is not retried until its alias moves again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -62,7 +63,7 @@ class VersionDirectory:
         self._load_lock = threading.Lock()
         self.started = False
 
-    # lookups --------------------------------------------------------------------------------------------------
+    # lookups --------------------------------------------------------------------------------------
 
     def lookup(self, ref: str) -> Served | None:
         """The fast path: a name already served, without touching the registry."""
@@ -76,7 +77,7 @@ class VersionDirectory:
         return served
 
     def resolve(self, ref: str) -> Served:
-        """Any accepted spelling -> a served version, loading it on first use (blocking: call off the loop)."""
+        """Any accepted spelling -> a served version, loaded on first use (blocking: call off the loop)."""
         served = self.lookup(ref)
         if served is not None:
             return served
@@ -135,7 +136,7 @@ class VersionDirectory:
     def watched(self) -> dict[tuple[str, str], str]:
         return {k: s.version for k, s in self._aliases.items()}
 
-    # loading --------------------------------------------------------------------------------------------------
+    # loading --------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect, then load each model's production version (failures are logged; polling retries)."""
@@ -178,8 +179,13 @@ class VersionDirectory:
         previous = self._aliases.get((name, alias))
         self._aliases[(name, alias)] = served  # atomic: new requests resolve to the new version from here on
         self.metrics.served_version.labels(name, alias).set(int(served.version))
-        log.info("%s@%s now serves version %s%s", name, alias, served.version,
-                 f" (was {previous.version})" if previous else "")
+        log.info(
+            "%s@%s now serves version %s%s",
+            name,
+            alias,
+            served.version,
+            f" (was {previous.version})" if previous else "",
+        )
 
     def _alias_target(self, name: str, alias: str) -> str | None:
         from core.registry import current_alias
@@ -200,8 +206,7 @@ class VersionDirectory:
         if key not in self._folders:
             dest = self.workdir / re.sub(r"[^A-Za-z0-9_.-]", "_", name) / version
             dest.mkdir(parents=True, exist_ok=True)
-            self._folders[key] = download_version(self.client, resolve_version(self.client, f"{name}/{version}"),
-                                                  dest)
+            self._folders[key] = download_version(self.client, resolve_version(self.client, f"{name}/{version}"), dest)
         return self._folders[key]
 
     def _load(self, name: str, version: str) -> Served:
@@ -215,7 +220,8 @@ class VersionDirectory:
                 manifest = self._manifest(name, version)
                 self._ensure_base(manifest)
                 self.engine.call(lambda: self.engine.add_adapter(adapter, folder / ADAPTER_DIR)).result(
-                    self.settings.load_timeout_s)
+                    self.settings.load_timeout_s
+                )
                 eos = self.tokenizer.convert_tokens_to_ids(manifest.eos_token)
                 if not isinstance(eos, int) or eos == self.tokenizer.unk_token_id:
                     raise ModelError(f"EOS token {manifest.eos_token!r} is not in the vocabulary")
@@ -224,10 +230,8 @@ class VersionDirectory:
             except Exception as exc:
                 self._failed[(name, version)] = str(exc)
                 self.metrics.adapter_loads.labels(name, version, "failure").inc()
-                try:
+                with contextlib.suppress(Exception):
                     self.engine.call(lambda: self.engine.remove_adapter(adapter)).result(30)
-                except Exception:
-                    pass
                 raise
             self.metrics.adapter_loads.labels(name, version, "success").inc()
             self._versions[(name, version)] = served
@@ -242,8 +246,10 @@ class VersionDirectory:
 
         if self.base is not None:
             if manifest.base_digest != self.base.digest:
-                raise ModelError(f"trained on {manifest.base_model} ({manifest.base_digest[:19]}), but this "
-                                 f"gateway serves {self.base.name} ({self.base.digest[:19]})")
+                raise ModelError(
+                    f"trained on {manifest.base_model} ({manifest.base_digest[:19]}), but this "
+                    f"gateway serves {self.base.name} ({self.base.digest[:19]})"
+                )
             return
         import torch
 
@@ -251,8 +257,10 @@ class VersionDirectory:
 
         base = resolve_base_model(manifest.base_model)
         if base.digest != manifest.base_digest:
-            raise ModelError(f"base model {base.name} has digest {base.digest}, but the version was trained on "
-                             f"{manifest.base_digest}")
+            raise ModelError(
+                f"base model {base.name} has digest {base.digest}, but the version was trained on "
+                f"{manifest.base_digest}"
+            )
         device = choose_device(self.settings.device)
         dtype = choose_dtype(self.settings.dtype, device)
         threads = self.settings.cpu_threads
@@ -266,8 +274,7 @@ class VersionDirectory:
         self.engine.call(load).result(self.settings.load_timeout_s)
         self.tokenizer = load_tokenizer(base)
         config = self.engine.base.config
-        self.max_model_len = self.settings.limits.max_model_len or int(
-            getattr(config, "max_position_embeddings", 2048))
+        self.max_model_len = self.settings.limits.max_model_len or int(getattr(config, "max_position_embeddings", 2048))
         self.base = base
         log.info("base model %s on %s in %s", base.name, device, dtype)
 
@@ -275,8 +282,12 @@ class VersionDirectory:
         """Generate through the engine, like a request would; the version serves only if this works."""
         from core.chat import prompt_ids
 
-        ids = prompt_ids(self.tokenizer, [{"role": "user", "content": self.settings.warmup_prompt}],
-                         served.manifest.chat_template, served.manifest.system_prompt)
+        ids = prompt_ids(
+            self.tokenizer,
+            [{"role": "user", "content": self.settings.warmup_prompt}],
+            served.manifest.chat_template,
+            served.manifest.system_prompt,
+        )
         done = threading.Event()
         outcome: list[Any] = []
 
@@ -285,8 +296,15 @@ class VersionDirectory:
                 outcome.append(event)
                 done.set()
 
-        job = Job("warmup", served.adapter, ids, SamplingParams(max_tokens=2, temperature=0.0), served.eos_ids,
-                  sink, served.labels)
+        job = Job(
+            "warmup",
+            served.adapter,
+            ids,
+            SamplingParams(max_tokens=2, temperature=0.0),
+            served.eos_ids,
+            sink,
+            served.labels,
+        )
         self.engine.submit(job, 1)
         if not done.wait(self.settings.load_timeout_s):
             job.cancelled = True

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (fixtures imported from test_serve_support are parameters here)
 """The OpenAI protocol through the official client against a real gateway on loopback (tiny model)."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def gateway(store) -> Iterator[Running]:
 
 def test_chat_completion_answers_with_usage_and_request_id(gateway):
     raw = gateway.client().chat.completions.with_raw_response.create(
-        model="tiny-model", messages=CHAT, max_tokens=8, temperature=0)
+        model="tiny-model", messages=CHAT, max_tokens=8, temperature=0
+    )
     assert raw.headers["x-request-id"]
     out = raw.parse()
     assert out.object == "chat.completion" and out.model == "tiny-model"
@@ -32,8 +34,16 @@ def test_chat_completion_answers_with_usage_and_request_id(gateway):
 def test_streamed_chat_equals_the_plain_answer_and_reports_usage(gateway):
     client = gateway.client()
     plain = client.chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-model",
+            messages=CHAT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -44,12 +54,14 @@ def test_streamed_chat_equals_the_plain_answer_and_reports_usage(gateway):
 
 def test_completions_with_several_prompts_and_n_streamed_and_not(gateway):
     client = gateway.client()
-    out = client.completions.create(model="tiny-model", prompt=["Once upon", "A permit is"], n=2, max_tokens=5,
-                                    temperature=0.9, seed=3)
+    out = client.completions.create(
+        model="tiny-model", prompt=["Once upon", "A permit is"], n=2, max_tokens=5, temperature=0.9, seed=3
+    )
     assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
     assert out.usage.completion_tokens == 20
-    chunks = list(client.completions.create(model="tiny-model", prompt="Once upon", max_tokens=6, temperature=0,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model="tiny-model", prompt="Once upon", max_tokens=6, temperature=0, stream=True)
+    )
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     plain = client.completions.create(model="tiny-model", prompt="Once upon", max_tokens=6, temperature=0)
     assert streamed == plain.choices[0].text and plain.choices[0].finish_reason == "length"
@@ -65,9 +77,9 @@ def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(gateway):
     assert a.message.content == b.message.content
     assert {ask(temperature=1.0, seed=s).message.content for s in range(4)} != {a.message.content}
     full = ask(temperature=0).message.content
-    stop = full[len(full) // 2:len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = ask(temperature=0, stop=[stop])
-    assert cut.finish_reason == "stop" and cut.message.content == full[:full.index(stop)]
+    assert cut.finish_reason == "stop" and cut.message.content == full[: full.index(stop)]
 
 
 def test_models_lists_versions_and_aliases_with_their_base(gateway, tiny_base):
@@ -88,8 +100,11 @@ def test_mixed_adapters_share_a_batch_and_each_answers_as_alone(gateway):
     client = gateway.client()
 
     def ask(model):
-        return client.chat.completions.create(model=model, messages=CHAT, max_tokens=24,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     alone = {m: ask(m) for m in ("tiny-model/1", "tiny-model/2")}
     assert alone["tiny-model/1"] != alone["tiny-model/2"]

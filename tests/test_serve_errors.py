@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (fixtures imported from test_serve_support are parameters here)
 """Every error in OpenAI's shape with the right status, auth, and admission control (tiny model)."""
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ def gateway(store) -> Iterator[Running]:
     from serve.auth import hash_key
 
     store.publish("tiny-model", seed=0, alias="production")
-    with running_gateway(["tiny-model"], api_keys=[hash_key(k) for k in KEYS],
-                         limits={"max_model_len": 128, "max_body_bytes": 4096, "max_n": 2}) as running:
+    with running_gateway(
+        ["tiny-model"],
+        api_keys=[hash_key(k) for k in KEYS],
+        limits={"max_model_len": 128, "max_body_bytes": 4096, "max_n": 2},
+    ) as running:
         yield running
 
 
@@ -47,23 +51,43 @@ def test_api_keys_several_accepted_others_refused_probes_open(gateway):
         assert gateway.get(path).status_code == 200
 
 
-@pytest.mark.parametrize(("body", "param", "code"), [
-    ({"model": "tiny-model", "messages": CHAT, "logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"model": "tiny-model", "messages": CHAT, "frequency_penalty": 0.5}, "frequency_penalty",
-     "unsupported_parameter"),
-    ({"model": "tiny-model", "messages": CHAT, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
-    ({"model": "tiny-model", "messages": CHAT, "response_format": {"type": "json_object"}}, "response_format",
-     "unsupported_parameter"),
-    ({"model": "tiny-model", "messages": CHAT, "frobnicate": 1}, "frobnicate", "unknown_parameter"),
-    ({"model": "tiny-model", "messages": CHAT, "temperature": 3}, "temperature", "invalid_value"),
-    ({"model": "tiny-model", "messages": CHAT, "n": 3}, "n", "invalid_value"),
-    ({"model": "tiny-model", "messages": CHAT, "max_tokens": 100000}, "max_tokens", "invalid_value"),
-    ({"model": "tiny-model", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
-    ({"model": "tiny-model", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages[0].content[0]", "unsupported_parameter"),
-    ({"model": "tiny-model"}, "messages", "missing_required_parameter"),
-    ({"model": "tiny-model", "messages": CHAT, "max_tokens": 120}, "messages", "context_length_exceeded"),
-])
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"model": "tiny-model", "messages": CHAT, "logprobs": True}, "logprobs", "unsupported_parameter"),
+        (
+            {"model": "tiny-model", "messages": CHAT, "frequency_penalty": 0.5},
+            "frequency_penalty",
+            "unsupported_parameter",
+        ),
+        (
+            {"model": "tiny-model", "messages": CHAT, "tools": [{"type": "function"}]},
+            "tools",
+            "unsupported_parameter",
+        ),
+        (
+            {"model": "tiny-model", "messages": CHAT, "response_format": {"type": "json_object"}},
+            "response_format",
+            "unsupported_parameter",
+        ),
+        ({"model": "tiny-model", "messages": CHAT, "frobnicate": 1}, "frobnicate", "unknown_parameter"),
+        ({"model": "tiny-model", "messages": CHAT, "temperature": 3}, "temperature", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "n": 3}, "n", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "max_tokens": 100000}, "max_tokens", "invalid_value"),
+        (
+            {"model": "tiny-model", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]},
+            "stop",
+            "invalid_value",
+        ),
+        (
+            {"model": "tiny-model", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0]",
+            "unsupported_parameter",
+        ),
+        ({"model": "tiny-model"}, "messages", "missing_required_parameter"),
+        ({"model": "tiny-model", "messages": CHAT, "max_tokens": 120}, "messages", "context_length_exceeded"),
+    ],
+)
 def test_invalid_requests_are_400_naming_the_parameter(gateway, body, param, code):
     r = post_chat(gateway, body)
     assert r.status_code == 400
@@ -125,8 +149,10 @@ def test_a_burst_beyond_the_queue_gets_429_with_retry_after_and_the_rest_succeed
 
 def test_queue_timeout_in_a_stream_arrives_as_a_final_error_event(store):
     store.publish("slow-model", seed=3, alias="production")
-    with running_gateway(["slow-model"], limits={"max_batch_size": 1, "max_queue": 4, "queue_timeout_s": 0.3,
-                                                  "max_tokens": 2000}) as gw:
+    with running_gateway(
+        ["slow-model"],
+        limits={"max_batch_size": 1, "max_queue": 4, "queue_timeout_s": 0.3, "max_tokens": 2000},
+    ) as gw:
         client = gw.client()
         hog = client.chat.completions.create(model="slow-model", messages=CHAT, max_tokens=2000, stream=True)
         next(iter(hog))  # the only batch slot is now taken

@@ -1,4 +1,5 @@
-"""Promotion, rollback and failed promotion under load, readiness, client disconnects and drain (tiny model)."""
+# ruff: noqa: F811  (fixtures imported from test_serve_support are parameters here)
+"""Promotion, rollback and failed promotion under load, readiness, disconnects and drain (tiny model)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from test_serve_support import CHAT, running_gateway, store, wait_for  # noqa: F
 
 
 def answer(client, model, max_tokens=24):
-    return client.chat.completions.create(model=model, messages=CHAT, max_tokens=max_tokens,
-                                          temperature=0).choices[0].message.content
+    return (
+        client.chat.completions.create(model=model, messages=CHAT, max_tokens=max_tokens, temperature=0)
+        .choices[0]
+        .message.content
+    )
 
 
 def test_promotion_and_rollback_switch_while_requests_in_flight_finish_on_the_old_version(store):
@@ -23,8 +27,12 @@ def test_promotion_and_rollback_switch_while_requests_in_flight_finish_on_the_ol
         new = answer(client, f"promo-model/{v2.version}")
         assert old[24] != new and answer(client, "promo-model") == old[24]
 
-        streams = [client.chat.completions.create(model="promo-model", messages=CHAT, max_tokens=120,
-                                                  temperature=0, stream=True) for _ in range(3)]
+        streams = [
+            client.chat.completions.create(
+                model="promo-model", messages=CHAT, max_tokens=120, temperature=0, stream=True
+            )
+            for _ in range(3)
+        ]
         firsts = [next(iter(s)) for s in streams]  # admitted on version 1
 
         switches = gw.metric("tuneops:alias_switches_total", model_name="promo-model", outcome="success")
@@ -34,8 +42,9 @@ def test_promotion_and_rollback_switch_while_requests_in_flight_finish_on_the_ol
             wait_for(lambda: answer(client, "promo-model") == new, "the switch to version 2")
             assert {f.result() for f in during} <= {old[24], new}
         for first, stream in zip(firsts, streams, strict=True):
-            text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or ""
-                                                                   for c in stream if c.choices)
+            text = (first.choices[0].delta.content or "") + "".join(
+                c.choices[0].delta.content or "" for c in stream if c.choices
+            )
             assert text == old[120]
         assert gw.metric("tuneops:served_version", model_name="promo-model", alias="production") == 2
 
@@ -53,10 +62,11 @@ def test_a_version_that_fails_to_load_or_check_leaves_the_old_one_serving(store,
         before = answer(client, name)
         bad = store.publish(name, seed=5, broken=broken)
         store.move(name, "production", bad.version)
-        wait_for(lambda: gw.metric("tuneops:alias_switches_total", model_name=name, outcome="failure") >= 1,
-                 "the failed switch")
-        assert gw.metric("tuneops:adapter_loads_total", model_name=name, version=bad.version,
-                         outcome="failure") == 1
+        wait_for(
+            lambda: gw.metric("tuneops:alias_switches_total", model_name=name, outcome="failure") >= 1,
+            "the failed switch",
+        )
+        assert gw.metric("tuneops:adapter_loads_total", model_name=name, version=bad.version, outcome="failure") == 1
         assert answer(client, name) == before and gw.ready()
         assert gw.metric("tuneops:served_version", model_name=name, alias="production") == int(v1.version)
         with pytest.raises(Exception) as err:  # asking for the broken version by number is refused clearly
@@ -96,8 +106,11 @@ def test_a_client_that_disconnects_stops_its_generation(store):
         import httpx
 
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(gw.url + "/v1/chat/completions", timeout=1.0,
-                       json={"model": "gone-model", "messages": CHAT, "max_tokens": 1800})
+            httpx.post(
+                gw.url + "/v1/chat/completions",
+                timeout=1.0,
+                json={"model": "gone-model", "messages": CHAT, "max_tokens": 1800},
+            )
         wait_for(lambda: gw.metric("tuneops:num_requests_running") == 0, "the abandoned request to leave")
         assert gw.metric("tuneops:request_success_total") == 1
         assert gw.metric("tuneops:generation_tokens_total") < 2 * 1800 + 2
@@ -107,8 +120,13 @@ def test_sigterm_turns_readiness_false_and_drains_in_flight_requests(store):
     store.publish("drain-model", seed=0, alias="production")
     with running_gateway(["drain-model"], limits={"max_tokens": 120}) as gw:
         client = gw.client()
-        stream = client.chat.completions.create(model="drain-model", messages=CHAT, max_tokens=120, stream=True,
-                                                stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model="drain-model",
+            messages=CHAT,
+            max_tokens=120,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         it = iter(stream)
         next(it)
         gw.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls

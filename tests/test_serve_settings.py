@@ -1,4 +1,5 @@
-"""Settings (YAML + environment, unknown keys refused), the CLI command, the real model end to end, and CUDA."""
+# ruff: noqa: F811  (fixtures imported from test_serve_support are parameters here)
+"""Settings (YAML + environment, unknown keys refused), the CLI, the real model end to end, and CUDA."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ def test_settings_from_yaml_with_environment_overrides(tmp_path, monkeypatch):
     assert (s.models, s.port, s.limits.max_n, s.limits.max_queue) == (["faq-assistant"], 9100, 2, 3)
 
 
-@pytest.mark.parametrize(("text", "problem"), [
-    ("models: [m]\nlimts: {max_n: 2}\n", "limts (line 2): unknown key; did you mean 'limits'?"),
-    ("models: [m]\napi_keys: [plain-secret]\n", "api_keys"),
-    ("models: []\n", "models"),
-    ("models: [m]\nlimits: {max_batch_size: 0}\n", "limits.max_batch_size (line 2)"),
-])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("models: [m]\nlimts: {max_n: 2}\n", "limts (line 2): unknown key; did you mean 'limits'?"),
+        ("models: [m]\napi_keys: [plain-secret]\n", "api_keys"),
+        ("models: []\n", "models"),
+        ("models: [m]\nlimits: {max_batch_size: 0}\n", "limits.max_batch_size (line 2)"),
+    ],
+)
 def test_bad_settings_are_reported_with_their_line(tmp_path, text, problem):
     from core.errors import ConfigError
     from serve.settings import load_settings
@@ -69,12 +73,24 @@ def test_real_smollm2_version_end_to_end(store, smollm2):
     store.publish("real-model", seed=0, base_dir=smollm2.path, alias="production")
     with running_gateway(["real-model"], dtype="auto") as gw:
         client = gw.client()
-        out = client.chat.completions.create(model="real-model", temperature=0, max_tokens=24,
-                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
+        out = client.chat.completions.create(
+            model="real-model",
+            temperature=0,
+            max_tokens=24,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
         assert out.choices[0].message.content.strip() and out.usage.completion_tokens <= 24
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="real-model", temperature=0, max_tokens=24, stream=True,
-            messages=[{"role": "user", "content": "What is the capital of France?"}]) if c.choices)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="real-model",
+                temperature=0,
+                max_tokens=24,
+                stream=True,
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+            )
+            if c.choices
+        )
         assert streamed == out.choices[0].message.content
         [card] = [m for m in client.models.list() if m.id == "real-model"]
         assert card.parent == str(smollm2.path)

@@ -108,8 +108,15 @@ class Store:
         self.root = root
         self.base_dir = base_dir
 
-    def publish(self, name: str, seed: int = 0, *, base_dir: Path | None = None, broken: str | None = None,
-                alias: str | None = None) -> Any:
+    def publish(
+        self,
+        name: str,
+        seed: int = 0,
+        *,
+        base_dir: Path | None = None,
+        broken: str | None = None,
+        alias: str | None = None,
+    ) -> Any:
         """Register a random LoRA version (like conftest's make_version); `broken`: 'weights' writes garbage
         adapter weights, 'nan' NaN ones. `alias` points an alias at it."""
         import mlflow
@@ -124,15 +131,21 @@ class Store:
         torch.manual_seed(seed)
         tokenizer = load_tokenizer(base_dir)
         base = load_causal_lm(base_dir, torch.device("cpu"), torch.float32)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                init_lora_weights=False))
+        model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        )
         if broken == "nan":
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if "lora_B" in n:
                         p.fill_(float("nan"))
-        manifest = Manifest(base_model=str(base_dir), base_digest=weights_digest(base_dir),
-                            chat_template=tokenizer.chat_template, eos_token=tokenizer.eos_token, job_name="test")
+        manifest = Manifest(
+            base_model=str(base_dir),
+            base_digest=weights_digest(base_dir),
+            chat_template=tokenizer.chat_template,
+            eos_token=tokenizer.eos_token,
+            job_name="test",
+        )
         bundle = write_bundle(self.root / f"bundle-{name}-{seed}-{broken}", model, tokenizer, manifest)
         if broken == "weights":
             (bundle / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")

@@ -12,7 +12,9 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_command(
-        config: Annotated[Path | None, typer.Option("--config", "-c", help="Settings YAML (configs/serve.yaml).")] = None,
+        config: Annotated[
+            Path | None, typer.Option("--config", "-c", help="Settings YAML (configs/serve.yaml).")
+        ] = None,
         host: Annotated[str | None, typer.Option(help="Override the settings' host.")] = None,
         port: Annotated[int | None, typer.Option(help="Override the settings' port.")] = None,
     ) -> None:
@@ -30,7 +32,9 @@ def register(app: typer.Typer) -> None:
         serve(settings)
 
     @app.command("serve-key-hash")
-    def key_hash(key: Annotated[str, typer.Argument(help="An API key to accept; '-' reads it from stdin.")]) -> None:
+    def key_hash(
+        key: Annotated[str, typer.Argument(help="An API key to accept; '-' reads it from stdin.")],
+    ) -> None:
         """Print the sha256 digest to list under `api_keys` (the gateway never stores keys)."""
         import sys
 
