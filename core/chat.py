@@ -38,6 +38,10 @@ def prompt_ids(
     system_prompt: str | None = None,
 ) -> list[int]:
     """Token ids of a chat prompt, ending where the assistant's answer starts."""
-    text = render(tokenizer, with_system(messages, system_prompt), add_generation_prompt=True,
-                  chat_template=chat_template)
+    text = render(
+        tokenizer,
+        with_system(messages, system_prompt),
+        add_generation_prompt=True,
+        chat_template=chat_template,
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

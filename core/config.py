@@ -127,9 +127,7 @@ def load_config(schema: type[T], path: Path | None, overrides: list[str] | None 
         return schema.model_validate(data)
     except ValidationError as exc:
         overridden = {".".join(parse_override(o)[0]) for o in overrides}
-        raise ConfigError(
-            format_problems(exc, schema, lines, overridden), source=str(path) if path else None
-        ) from None
+        raise ConfigError(format_problems(exc, schema, lines, overridden), source=str(path) if path else None) from None
 
 
 def resolved_dict(cfg: BaseModel) -> dict[str, Any]:

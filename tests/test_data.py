@@ -25,8 +25,10 @@ def read(path: Path, **kw):
 def test_instruction_jsonl_becomes_chat(tmp_path):
     res = read(jsonl(tmp_path / "d.jsonl", QA))
     assert res.shape == "instruction" and res.rows_read == 6
-    assert res.examples[0].messages == [{"role": "user", "content": "Question 0?"},
-                                        {"role": "assistant", "content": "Answer 0."}]
+    assert res.examples[0].messages == [
+        {"role": "user", "content": "Question 0?"},
+        {"role": "assistant", "content": "Answer 0."},
+    ]
     assert res.examples[0].source.endswith("d.jsonl:1")
 
 
@@ -87,8 +89,9 @@ def test_malformed_jsonl_lines_are_all_named(tmp_path):
 
 def test_malformed_rows_can_be_skipped_and_reported(tmp_path):
     res = read(jsonl(tmp_path / "d.jsonl", [QA[0], "{oops", QA[1]]), on_malformed="skip")
-    assert len(res.examples) == 2 and res.malformed[0].endswith("d.jsonl:2: invalid JSON (Expecting property name "
-                                                                 "enclosed in double quotes)")
+    assert len(res.examples) == 2 and res.malformed[0].endswith(
+        "d.jsonl:2: invalid JSON (Expecting property name enclosed in double quotes)"
+    )
 
 
 def test_empty_answers_are_dropped_with_their_line(tmp_path):
@@ -105,7 +108,7 @@ def test_missing_file_and_empty_file(tmp_path):
 
 
 def test_all_rows_empty_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="none of the 1 rows"):
+    with pytest.raises(DataError, match=r"none of the 1 rows"):
         read(jsonl(tmp_path / "d.jsonl", [{"instruction": "Q", "output": ""}]))
 
 
@@ -116,7 +119,7 @@ def test_unknown_shape_names_the_columns(tmp_path):
 
 def test_unsupported_suffix(tmp_path):
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(DataError, match="has suffix '.txt'"):
+    with pytest.raises(DataError, match=r"has suffix '\.txt'"):
         read(tmp_path / "d.txt")
 
 

@@ -12,18 +12,43 @@ from mlflow import MlflowClient
 def test_two_process_data_parallel_job_makes_one_run_and_one_version(tmp_path, tiny_base):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        "model": {"base": str(tiny_base)},
-        "data": {"path": "builtin:zaragoza-faq", "max_examples": 24, "max_length": 256},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 2, "eval_steps": 2},
-        "tracking": {"tracking_uri": uri, "experiment": "ddp"},
-        "registry": {"model_name": "ddp-model"},
-    }))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"base": str(tiny_base)},
+                "data": {"path": "builtin:zaragoza-faq", "max_examples": 24, "max_length": 256},
+                "lora": {"r": 4, "alpha": 8},
+                "training": {
+                    "output_dir": str(tmp_path / "out"),
+                    "max_steps": 2,
+                    "batch_size": 2,
+                    "eval_steps": 2,
+                },
+                "tracking": {"tracking_uri": uri, "experiment": "ddp"},
+                "registry": {"model_name": "ddp-model"},
+            }
+        )
+    )
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "tuneops", "train", str(job)]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "-m",
+        "tuneops",
+        "train",
+        str(job),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,16 +10,30 @@ from tuneops.cli import run
 
 def write_job(tmp_path: Path, tiny_base: Path, gates: list[str], promote: str = "auto") -> Path:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"base": str(tiny_base)},
-        "data": {"path": "builtin:zaragoza-faq", "max_examples": 30, "max_length": 256},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 4, "eval_steps": 2},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "registry": {"model_name": "pipe", "promote": promote},
-        "evaluation": {"suites": ["quality"], "max_examples": 3, "max_new_tokens": 4, "gates": gates,
-                       "bootstrap_samples": 100},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"base": str(tiny_base)},
+                "data": {"path": "builtin:zaragoza-faq", "max_examples": 30, "max_length": 256},
+                "lora": {"r": 4, "alpha": 8},
+                "training": {
+                    "output_dir": str(tmp_path / "out"),
+                    "max_steps": 2,
+                    "batch_size": 4,
+                    "eval_steps": 2,
+                },
+                "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+                "registry": {"model_name": "pipe", "promote": promote},
+                "evaluation": {
+                    "suites": ["quality"],
+                    "max_examples": 3,
+                    "max_new_tokens": 4,
+                    "gates": gates,
+                    "bootstrap_samples": 100,
+                },
+            }
+        )
+    )
     return path
 
 

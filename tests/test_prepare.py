@@ -51,8 +51,14 @@ def test_system_prompt_is_rendered(tmp_path, tokenizer):
 
 
 def test_multi_turn_chat_trains_every_assistant_turn(tmp_path, tokenizer):
-    row = {"messages": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "One."},
-                        {"role": "user", "content": "B?"}, {"role": "assistant", "content": "Two."}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "A?"},
+            {"role": "assistant", "content": "One."},
+            {"role": "user", "content": "B?"},
+            {"role": "assistant", "content": "Two."},
+        ]
+    }
     p = prepare(DataConfig(path=data(tmp_path, [row]), validation_split=0), tokenizer)
     ex = p.train[0]
     trained = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE])
@@ -66,8 +72,7 @@ def test_plain_text_ends_with_eos(tmp_path, tokenizer):
 
 def test_duplicates_and_overlong_rows_are_dropped_and_reported(tmp_path, tokenizer):
     long = {"instruction": "Long?", "output": "word " * 400}
-    p = prepare(DataConfig(path=data(tmp_path, [*ROWS, ROWS[0], long]), validation_split=0, max_length=128),
-                tokenizer)
+    p = prepare(DataConfig(path=data(tmp_path, [*ROWS, ROWS[0], long]), validation_split=0, max_length=128), tokenizer)
     assert p.report.dropped["duplicate"] == 1 and p.report.dropped_rows["duplicate"][0].endswith("d.jsonl:11")
     assert p.report.dropped["too_long"] == 1 and "d.jsonl:12" in p.report.dropped_rows["too_long"][0]
     assert p.report.kept == 10
@@ -75,13 +80,15 @@ def test_duplicates_and_overlong_rows_are_dropped_and_reported(tmp_path, tokeniz
 
 def test_overlong_rows_can_be_truncated(tmp_path, tokenizer):
     long = {"instruction": "Long?", "output": "word " * 400}
-    p = prepare(DataConfig(path=data(tmp_path, [long]), validation_split=0, max_length=64, overlong="truncate"),
-                tokenizer)
+    p = prepare(
+        DataConfig(path=data(tmp_path, [long]), validation_split=0, max_length=64, overlong="truncate"),
+        tokenizer,
+    )
     assert len(p.train[0].input_ids) == 64
 
 
 def test_all_examples_too_long_is_an_error(tmp_path, tokenizer):
-    with pytest.raises(DataError, match="all 10 examples are longer than data.max_length=16"):
+    with pytest.raises(DataError, match=r"all 10 examples are longer than data\.max_length=16"):
         prepare(DataConfig(path=data(tmp_path, ROWS), max_length=16), tokenizer)
 
 

@@ -47,5 +47,8 @@ def test_alias_moves_are_recorded_in_order(make_version, mlflow_store):
     move_alias(client, "tiny-model", PRODUCTION, "1", reason="first")
     move_alias(client, "tiny-model", PRODUCTION, "2", reason="second", evaluation_run="abc")
     history = alias_history(client, "tiny-model")
-    assert [(m.version, m.previous, m.reason) for m in history] == [("1", None, "first"), ("2", "1", "second")]
+    assert [(m.version, m.previous, m.reason) for m in history] == [
+        ("1", None, "first"),
+        ("2", "1", "second"),
+    ]
     assert history[1].evaluation_run == "abc"

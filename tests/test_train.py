@@ -16,10 +16,23 @@ from finetune.job import run_job
 def job(tmp_path: Path, tiny_base: Path, uri: str, **sections) -> JobConfig:
     data = {
         "model": {"base": str(tiny_base)},
-        "data": {"path": "builtin:zaragoza-faq", "max_examples": 40, "max_length": 256, "validation_split": 0.1},
+        "data": {
+            "path": "builtin:zaragoza-faq",
+            "max_examples": 40,
+            "max_length": 256,
+            "validation_split": 0.1,
+        },
         "lora": {"r": 4, "alpha": 8},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "batch_size": 4, "eval_steps": 2,
-                     "save_steps": 2, "logging_steps": 1, "lr_scheduler": "constant", "warmup_ratio": 0.0},
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 4,
+            "batch_size": 4,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "lr_scheduler": "constant",
+            "warmup_ratio": 0.0,
+        },
         "tracking": {"tracking_uri": uri, "experiment": "t"},
         "registry": {"model_name": "tiny-faq"},
     }
@@ -129,8 +142,14 @@ def test_resume_without_a_previous_run_is_an_error(tmp_path, tiny_base, mlflow_s
 
 @pytest.mark.integration
 def test_real_model_fine_tune_generates_through_pyfunc(tmp_path, smollm2, mlflow_store):
-    cfg = job(tmp_path, smollm2.path, mlflow_store, model={"base": "smollm2-135m-instruct"},
-              data={"max_examples": 24}, training={"max_steps": 2, "eval_steps": 2, "save_steps": 2})
+    cfg = job(
+        tmp_path,
+        smollm2.path,
+        mlflow_store,
+        model={"base": "smollm2-135m-instruct"},
+        data={"max_examples": 24},
+        training={"max_steps": 2, "eval_steps": 2, "save_steps": 2},
+    )
     result = run_job(cfg, "real")
     model = mlflow.pyfunc.load_model(f"models:/tiny-faq/{result.version}")
     answer = model.predict(["What is a building permit?"], params={"max_new_tokens": 24})[0]

@@ -16,9 +16,13 @@ import typer
 
 from core.errors import TuneopsError
 
-app = typer.Typer(help="Fine-tune, evaluate, gate, register and serve foundation models.", no_args_is_help=True,
-                  rich_markup_mode=None,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Fine-tune, evaluate, gate, register and serve foundation models.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 
 JobArg = Annotated[Path, typer.Argument(help="Job file (YAML).", exists=False)]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides such as training.learning_rate=1e-4.")]
@@ -89,8 +93,9 @@ def models() -> None:
 
     for entry in CATALOGUE.values():
         cached = (cache_dir() / "models" / entry.name / "config.json").is_file()
-        typer.echo(f"{entry.name}\t{entry.license}\t{'converted' if cached else 'not yet converted'}\t"
-                   f"{entry.description}")
+        typer.echo(
+            f"{entry.name}\t{entry.license}\t{'converted' if cached else 'not yet converted'}\t{entry.description}"
+        )
 
 
 def print_result(result) -> None:  # type: ignore[no-untyped-def]

@@ -42,9 +42,13 @@ def train_and_evaluate(cfg: JobConfig, job_name: str, resume: bool = False) -> t
     job = run_job(cfg, job_name, resume=resume)
     if evaluation is None or job.version is None:
         return job, None
-    verdict = run_evaluation(f"{job.model_name}/{job.version}", evaluation,
-                             tracking_uri=cfg.tracking.tracking_uri, device=cfg.model.device,
-                             dtype=cfg.model.dtype)
+    verdict = run_evaluation(
+        f"{job.model_name}/{job.version}",
+        evaluation,
+        tracking_uri=cfg.tracking.tracking_uri,
+        device=cfg.model.device,
+        dtype=cfg.model.dtype,
+    )
     return job, verdict
 
 
@@ -61,8 +65,14 @@ def run_pipeline(cfg: JobConfig, job_name: str, resume: bool = False) -> Pipelin
         log.warning("gates failed: %s/%s stays out of production", job.model_name, job.version)
         return PipelineResult(job, verdict, False, False)
     client = connect(cfg.tracking.tracking_uri)
-    move_alias(client, job.model_name, CANDIDATE, job.version, reason=f"pipeline {job_name}: gates passed",
-               evaluation_run=verdict.evaluation_run)
+    move_alias(
+        client,
+        job.model_name,
+        CANDIDATE,
+        job.version,
+        reason=f"pipeline {job_name}: gates passed",
+        evaluation_run=verdict.evaluation_run,
+    )
     promoted = False
     if cfg.registry.promote == "auto":
         promote(client, job.model_name, job.version, reason=f"pipeline {job_name}: promote auto, gates passed")
@@ -85,8 +95,11 @@ def register(app: typer.Typer) -> None:
         print_result(result.job)
         if result.verdict is not None:
             typer.echo(result.verdict.summary())
-        state = "promoted to production" if result.promoted else (
-            "marked candidate" if result.candidate else "not promoted")
+        state = (
+            "promoted to production"
+            if result.promoted
+            else ("marked candidate" if result.candidate else "not promoted")
+        )
         if result.job.version:
             typer.echo(f"{result.job.model_name}/{result.job.version}: {state}")
         if result.verdict is not None and not result.verdict.passed:

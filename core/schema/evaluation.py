@@ -43,9 +43,7 @@ class EvaluationConfig(Section):
     compare_base: bool = Field(True, description="Also measure the base model on the same items.")
     compare_production: bool = Field(True, description="Also measure the current production version.")
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples for confidence intervals of gates.")
-    confidence: float = Field(
-        0.95, gt=0.5, lt=1.0, description="Coverage of the bootstrap confidence intervals."
-    )
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Coverage of the bootstrap confidence intervals.")
     gate_on_ci: bool = Field(
         False,
         description="When true a gate passes only if its whole confidence interval is on the passing side; "
@@ -57,6 +55,4 @@ class EvaluationConfig(Section):
         description="Thresholds such as `rougeL >= 0.2`, `perplexity <= 0.9 * base`, "
         "`crows_pct_stereotype <= base + 2`; all must pass for promotion.",
     )
-    on_train: bool = Field(
-        True, description="Run at the end of `tuneops train` when this section is present."
-    )
+    on_train: bool = Field(True, description="Run at the end of `tuneops train` when this section is present.")
