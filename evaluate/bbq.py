@@ -10,6 +10,7 @@ When no answer is biased the score is 0 (as lm-evaluation-harness does when n_no
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ def run_bbq(subjects: dict[str, Subject], items: list[BbqItem], batch_size: int)
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i, it in enumerate(items):
         by_cat[it.category].append(i)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": it.id,
             "category": it.category,

@@ -34,9 +34,7 @@ def grouped_bars(title: str, data: dict[str, dict[str, float]]) -> Figure:
             label=subject,
             color=COLOURS.get(subject),
         )
-    ax.set_xticks(
-        x, groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center"
-    )
+    ax.set_xticks(x, groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
     ax.set_title(title, fontsize=10)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=8)

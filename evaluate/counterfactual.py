@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,9 @@ def run_counterfactual(
 ) -> SuiteResult:
     result = SuiteResult("counterfactual")
     cells = [(t, group, text) for t in templates for group, text in t.prompts().items()]
-    rows = [{"template": t.id, "axis": t.axis, "group": group, "prompt": text} for t, group, text in cells]
+    rows: list[dict[str, Any]] = [
+        {"template": t.id, "axis": t.axis, "group": group, "prompt": text} for t, group, text in cells
+    ]
     sentiment_chart: dict[str, dict[str, float]] = {}
     refusal_chart: dict[str, dict[str, float]] = {}
     for label, subject in subjects.items():
@@ -41,9 +44,7 @@ def run_counterfactual(
             )
             for _, _, text in cells
         ]
-        answers = generate_greedy(
-            subject, prompts, max_new_tokens, batch_size, desc="counterfactual: answering"
-        )
+        answers = generate_greedy(subject, prompts, max_new_tokens, batch_size, desc="counterfactual: answering")
         by_template: dict[str, dict[str, str]] = defaultdict(dict)
         for (t, group, _), answer in zip(cells, answers, strict=True):
             by_template[t.id][group] = answer
@@ -53,7 +54,7 @@ def run_counterfactual(
             got = by_template[t.id]
             scores = {g: sentiment(a) for g, a in got.items()}
             refusals = {g: float(is_refusal(a)) for g, a in got.items()}
-            consistency.append(np.mean([rouge_l(got[a], got[b]) for a, b in combinations(got, 2)]))
+            consistency.append(float(np.mean([rouge_l(got[a], got[b]) for a, b in combinations(got, 2)])))
             sentiment_gap.append(max(scores.values()) - min(scores.values()))
             refusal_gap.append(max(refusals.values()) - min(refusals.values()))
             for g in got:

@@ -10,6 +10,7 @@ report the harness's `likelihood_diff`, the mean absolute log-likelihood differe
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def run_crows(subjects: dict[str, Subject], pairs: list[CrowsPair], batch_size: 
     by_type: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
         by_type[p.bias_type].append(i)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": p.id,
             "bias_type": p.bias_type,
@@ -60,9 +61,7 @@ def run_crows(subjects: dict[str, Subject], pairs: list[CrowsPair], batch_size: 
     ]
     chart: dict[str, dict[str, float]] = {t: {} for t in sorted(by_type)}
     for label, subject in subjects.items():
-        lls = sentence_logliks(
-            subject, [p.sent_more for p in pairs] + [p.sent_less for p in pairs], batch_size
-        )
+        lls = sentence_logliks(subject, [p.sent_more for p in pairs] + [p.sent_less for p in pairs], batch_size)
         ll_more, ll_less = lls[: len(pairs)], lls[len(pairs) :]
         result.metrics[label] = crows_metrics(ll_more, ll_less)
         result.breakdown[label] = {}

@@ -104,9 +104,7 @@ def parse_gate(text: str) -> Gate:
         return Gate(text, metric, op, None, 1.0, float(rhs))
     r = _RHS.match(rhs)
     if not r or r["ref"] not in REFERENCES or (r["scale"] and r["scale2"]):
-        raise ValueError(
-            f"threshold '{rhs}' must be a number or `[K *] base|production [+|- C]` (e.g. `0.9 * base`)"
-        )
+        raise ValueError(f"threshold '{rhs}' must be a number or `[K *] base|production [+|- C]` (e.g. `0.9 * base`)")
     scale = float(r["scale"] or r["scale2"] or 1.0)
     offset = float(r["offset"] or 0.0) * (-1.0 if r["sign"] == "-" else 1.0)
     return Gate(text, metric, op, r["ref"], scale, offset)
@@ -130,9 +128,7 @@ def parse_gates(cfg: EvaluationConfig) -> list[Gate]:
         elif gate.ref == "base" and not cfg.compare_base:
             problems.append(f"evaluation.gates[{i}] `{text}`: compares with base but compare_base is false")
         elif gate.ref == "production" and not cfg.compare_production:
-            problems.append(
-                f"evaluation.gates[{i}] `{text}`: compares with production but compare_production is false"
-            )
+            problems.append(f"evaluation.gates[{i}] `{text}`: compares with production but compare_production is false")
         gates.append(gate)
     if problems:
         raise ConfigError(problems)
@@ -160,15 +156,11 @@ def judge(
         if gate.ref and other is None:
             if gate.ref == "production":
                 results.append(
-                    GateResult(
-                        gate.text, gate.metric, mine.value, None, None, None, True, "n/a: no production"
-                    )
+                    GateResult(gate.text, gate.metric, mine.value, None, None, None, True, "n/a: no production")
                 )
             else:
                 results.append(
-                    GateResult(
-                        gate.text, gate.metric, mine.value, None, None, None, False, "base not measured"
-                    )
+                    GateResult(gate.text, gate.metric, mine.value, None, None, None, False, "base not measured")
                 )
             continue
         threshold = gate.threshold(other.value if other else None)
@@ -181,9 +173,7 @@ def judge(
             paired = other is not None and other.n == mine.n
             ref_values = other.resample(idx) if (other is not None and paired) else None
             thresholds = (
-                gate.scale * ref_values + gate.offset
-                if ref_values is not None
-                else np.full(len(values), threshold)
+                gate.scale * ref_values + gate.offset if ref_values is not None else np.full(len(values), threshold)
             )
             margin_ci = interval(values - thresholds, confidence)
         note = ""
@@ -191,7 +181,5 @@ def judge(
             lo, hi = margin_ci
             passed = lo >= 0 if gate.op.startswith(">") else hi <= 0
             note = "decided on the whole confidence interval"
-        results.append(
-            GateResult(gate.text, gate.metric, mine.value, threshold, ci, margin_ci, bool(passed), note)
-        )
+        results.append(GateResult(gate.text, gate.metric, mine.value, threshold, ci, margin_ci, bool(passed), note))
     return results

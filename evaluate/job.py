@@ -126,18 +126,14 @@ def _measure(
         (
             "quality",
             bool(inputs.quality),
-            lambda s: run_quality(
-                s, inputs.quality, cfg.max_new_tokens, cfg.batch_size, cfg.exact_match_max_words
-            ),
+            lambda s: run_quality(s, inputs.quality, cfg.max_new_tokens, cfg.batch_size, cfg.exact_match_max_words),
         ),
         ("crows", bool(inputs.crows), lambda s: run_crows(s, inputs.crows, cfg.batch_size)),
         ("bbq", bool(inputs.bbq), lambda s: run_bbq(s, inputs.bbq, cfg.batch_size)),
         (
             "counterfactual",
             bool(inputs.counterfactual),
-            lambda s: run_counterfactual(
-                s, inputs.counterfactual, cfg.counterfactual_max_new_tokens, cfg.batch_size
-            ),
+            lambda s: run_counterfactual(s, inputs.counterfactual, cfg.counterfactual_max_new_tokens, cfg.batch_size),
         ),
     ]
     for suite, has_items, run in plan:
@@ -201,12 +197,8 @@ def run_evaluation(
             for result in results.values():
                 for subject, metrics in result.metrics.items():
                     merged.setdefault(subject, {}).update(metrics)
-            gate_results = judge(
-                gates, merged, cfg.bootstrap_samples, cfg.confidence, cfg.seed, cfg.gate_on_ci
-            )
-            outcome = Verdict(
-                version.name, version.version, all(g.passed for g in gate_results), gate_results, run_id
-            )
+            gate_results = judge(gates, merged, cfg.bootstrap_samples, cfg.confidence, cfg.seed, cfg.gate_on_ci)
+            outcome = Verdict(version.name, version.version, all(g.passed for g in gate_results), gate_results, run_id)
             _log(client, run_id, version, bundle, cfg, inputs, results, outcome, prod_version)
             for suite, took in seconds.items():
                 client.log_metric(run_id, f"eval.seconds.{suite}", took)
@@ -246,9 +238,7 @@ def _log(
         "compared_with",
         ",".join(s for s in (BASE, PROD) if any(s in r.metrics for r in results.values())) or "none",
     )
-    client.log_text(
-        run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/evaluation.yaml"
-    )
+    client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/evaluation.yaml")
     client.log_dict(
         run_id,
         {

@@ -40,10 +40,7 @@ def _fmt(value: Any) -> str:
 def _metric_table(result: SuiteResult) -> Block:
     subjects = [s for s in SUBJECT_ORDER if s in result.metrics]
     names = sorted({n for m in result.metrics.values() for n in m}, key=list(KNOWN_METRICS).index)
-    rows = [
-        [n, *(_fmt(result.metrics[s][n].value) if n in result.metrics[s] else "" for s in subjects)]
-        for n in names
-    ]
+    rows = [[n, *(_fmt(result.metrics[s][n].value) if n in result.metrics[s] else "" for s in subjects)] for n in names]
     return ("table", (["metric", *subjects], rows))
 
 

@@ -33,9 +33,7 @@ def _check_version(client: MlflowClient, name: str, version: str) -> None:
         raise RegistryError(f"model '{name}' has no version {version}") from None
 
 
-def promote(
-    client: MlflowClient, name: str, version: str, force: bool = False, reason: str | None = None
-) -> AliasMove:
+def promote(client: MlflowClient, name: str, version: str, force: bool = False, reason: str | None = None) -> AliasMove:
     """Point `production` at a version whose gates passed; `force` (with a reason) overrides, recorded."""
     version = str(version)
     _check_version(client, name, version)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -19,10 +20,7 @@ from evaluate.text_metrics import exact_match, rouge_l, token_f1
 
 
 def _prompts(subject: Subject, items: list[QualityItem]) -> list[list[int]]:
-    return [
-        prompt_ids(subject.tokenizer, it.messages, subject.chat_template, subject.system_prompt)
-        for it in items
-    ]
+    return [prompt_ids(subject.tokenizer, it.messages, subject.chat_template, subject.system_prompt) for it in items]
 
 
 def _answer_ids(subject: Subject, reference: str) -> list[int]:
@@ -44,7 +42,7 @@ def run_quality(
     """Score every subject on the same items; metrics are paired item by item."""
     result = SuiteResult("quality")
     short = np.array([len(it.reference.split()) <= exact_match_max_words for it in items])
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": it.id, "source": it.source, "prompt": it.messages[-1]["content"], "reference": it.reference}
         for it in items
     ]

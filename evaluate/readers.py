@@ -199,7 +199,7 @@ def _bbq_answer_roles(obj: dict[str, Any], path: Path, line: int) -> tuple[int, 
 
 def read_bbq(path: Path, limit: int | None = None) -> list[BbqItem]:
     """BBQ JSONL: context, question, ans0..2, label, context_condition, answer_info, question_polarity, ..."""
-    items = []
+    items: list[BbqItem] = []
     for line, obj in _json_lines(path):
         answers = tuple(_text(obj, f"ans{i}", path, line) for i in range(3))
         label = obj.get("label")
@@ -238,7 +238,7 @@ def _placeholders(template: str) -> set[str]:
 
 def read_counterfactual(path: Path, limit: int | None = None) -> list[CounterfactualTemplate]:
     """JSONL of {id, axis, template, groups}; groups is a list filling `{group}` or {group: {slot: text}}."""
-    items = []
+    items: list[CounterfactualTemplate] = []
     for line, obj in _json_lines(path):
         template = _text(obj, "template", path, line)
         axis = _text(obj, "axis", path, line)
@@ -273,13 +273,10 @@ def _chat_item(obj: dict[str, Any], path: Path, line: int, idx: str) -> QualityI
     if "messages" in obj:
         msgs = obj["messages"]
         ok = isinstance(msgs, list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
         )
         if not ok or len(msgs) < 2:
-            raise _fail(
-                path, line, "messages must be a list of {role, content} with at least a prompt and answer"
-            )
+            raise _fail(path, line, "messages must be a list of {role, content} with at least a prompt and answer")
         if msgs[-1]["role"] != "assistant":
             raise _fail(path, line, "the last message must be the assistant's reference answer")
         messages = [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
@@ -289,17 +286,11 @@ def _chat_item(obj: dict[str, Any], path: Path, line: int, idx: str) -> QualityI
         extra = obj.get("input")
         if isinstance(extra, str) and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
-        return QualityItem(
-            idx, source, [{"role": "user", "content": prompt}], _text(obj, "output", path, line)
-        )
+        return QualityItem(idx, source, [{"role": "user", "content": prompt}], _text(obj, "output", path, line))
     if "prompt" in obj and "completion" in obj:
         prompt = _text(obj, "prompt", path, line)
-        return QualityItem(
-            idx, source, [{"role": "user", "content": prompt}], _text(obj, "completion", path, line)
-        )
-    raise _fail(
-        path, line, "no reference answer: use `messages`, `instruction`/`output` or `prompt`/`completion`"
-    )
+        return QualityItem(idx, source, [{"role": "user", "content": prompt}], _text(obj, "completion", path, line))
+    raise _fail(path, line, "no reference answer: use `messages`, `instruction`/`output` or `prompt`/`completion`")
 
 
 def read_quality(path: Path, limit: int | None = None) -> list[QualityItem]:

@@ -92,9 +92,7 @@ def continuation_logprobs(
     for prompt, cont in pairs:
         if not prompt or not cont:
             raise ValueError("every scored pair needs a non-empty prompt and continuation")
-    pad_id = (
-        subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else subject.eos_ids[0]
-    )
+    pad_id = subject.tokenizer.pad_token_id if subject.tokenizer.pad_token_id is not None else subject.eos_ids[0]
     rows = []
     for prompt, cont in pairs:
         keep = max(1, MAX_TOKENS - len(cont))
@@ -146,7 +144,7 @@ def generate_greedy(
             )
             width = inputs["input_ids"].shape[1]
             for row, i in enumerate(batch):
-                out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+                out[i] = str(tokenizer.decode(generated[row, width:], skip_special_tokens=True)).strip()
     return out
 
 

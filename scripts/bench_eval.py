@@ -65,10 +65,14 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=64)
     parser.add_argument("--max-bias-items", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on shared cores).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from core.device import choose_device, choose_dtype
     from core.registry import PRODUCTION, connect, move_alias

@@ -1,5 +1,5 @@
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
@@ -10,7 +10,7 @@ Suite = Literal["quality", "crows", "bbq", "counterfactual"]
 
 class EvaluationConfig(Section):
     suites: list[Suite] = Field(
-        default_factory=lambda: ["quality", "crows", "bbq", "counterfactual"],
+        default_factory=lambda: list(get_args(Suite)),
         description="What to measure: held-out quality and the three bias suites.",
     )
     extra_files: list[Path] = Field(
