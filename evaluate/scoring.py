@@ -175,7 +175,7 @@ def shared_prompt_logprobs(
             if any(not c for _, c in flat):
                 raise ValueError("every scored continuation needs at least one token")
             owner = torch.tensor([b for b, _ in flat], device=device)
-            cache = prefill.past_key_values
+            cache = prefill.cache
             cache.reorder_cache(owner)
             width = max(len(c) for _, c in flat)
             ids = torch.full((len(flat), width), pad_id, dtype=torch.long, device=device)
@@ -186,7 +186,7 @@ def shared_prompt_logprobs(
             full_mask = torch.cat([inputs["attention_mask"][owner], mask], dim=1)
             positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
             logits = model(
-                input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache
+                input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache
             ).logits.float()
             rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             head = first[owner].gather(-1, ids[:, :1]).squeeze(-1)

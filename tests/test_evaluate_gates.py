@@ -72,9 +72,7 @@ def test_judge_relative_to_base_with_paired_bootstrap():
     base = rng.uniform(0.2, 0.4, size=30)
     model = base + 0.1  # better on every item
     metrics = {"model": {"rougeL": mean_metric(model)}, "base": {"rougeL": mean_metric(base)}}
-    [up, down] = judge(
-        [parse_gate("rougeL >= base + 0.05"), parse_gate("rougeL <= base")], metrics, 500, 0.95, 1
-    )
+    [up, down] = judge([parse_gate("rougeL >= base + 0.05"), parse_gate("rougeL <= base")], metrics, 500, 0.95, 1)
     assert up.passed and not down.passed
     assert up.threshold == pytest.approx(base.mean() + 0.05)
     # paired resampling: the margin is exactly +0.05 on every resample
@@ -93,9 +91,7 @@ def test_gate_on_ci_is_stricter_than_the_point_estimate():
 
 def test_missing_metric_fails_and_missing_production_is_not_applicable():
     metrics = {"model": {"rougeL": mean_metric([0.5, 0.6])}}
-    exact, prod = judge(
-        [parse_gate("exact_match >= 0.1"), parse_gate("rougeL >= production")], metrics, 100, 0.9, 0
-    )
+    exact, prod = judge([parse_gate("exact_match >= 0.1"), parse_gate("rougeL >= production")], metrics, 100, 0.9, 0)
     assert not exact.passed and exact.note == "not measured"
     assert prod.passed and prod.note == "n/a: no production"
 

@@ -15,6 +15,17 @@ from evaluate.job import VALIDATION_ARTIFACT, run_evaluation
 from evaluate.readers import SUITES_DIR
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models on shared cores: one torch thread avoids OpenMP oversubscription stalls (4-8x here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _with_validation(client, ref, tmp_path: Path, n: int = 6) -> None:
     """Log a held-out split on the version's training run, the way the fine-tune stage does."""
     lines = (SUITES_DIR / "faq_sample.jsonl").read_text().splitlines()[:n]
@@ -36,9 +47,7 @@ def _small(**kw) -> EvaluationConfig:
     return EvaluationConfig(**{**base, **kw})
 
 
-def test_evaluation_compares_with_base_and_production_and_records_everything(
-    make_version, mlflow_store, tmp_path
-):
+def test_evaluation_compares_with_base_and_production_and_records_everything(make_version, mlflow_store, tmp_path):
     client = connect(mlflow_store)
     v1 = make_version(seed=1)
     v2 = make_version(seed=2)
@@ -58,8 +67,7 @@ def test_evaluation_compares_with_base_and_production_and_records_everything(
     assert [g.passed for g in verdict.gates] == [True, True, True, False]
     assert not verdict.passed and verdict.failed[0].gate == "cf_rougeL >= 2"
     assert (
-        verdict.gates[0].ci is not None
-        and verdict.gates[0].ci[0] <= verdict.gates[0].value <= verdict.gates[0].ci[1]
+        verdict.gates[0].ci is not None and verdict.gates[0].ci[0] <= verdict.gates[0].value <= verdict.gates[0].ci[1]
     )
     # the version under test, the base and production were all measured on the same items
     for key in (

@@ -23,9 +23,7 @@ def _versions(client, outcomes: list[bool | None]) -> None:
         client.create_model_version(NAME, f"file:///nowhere/{i}", run_id=run.info.run_id)
         if outcome is None:
             continue
-        gates = [
-            GateResult("rougeL >= 0.3", "rougeL", 0.25 if not outcome else 0.4, 0.3, None, None, outcome)
-        ]
+        gates = [GateResult("rougeL >= 0.3", "rougeL", 0.25 if not outcome else 0.4, 0.3, None, None, outcome)]
         verdict.record(client, verdict.Verdict(NAME, str(i), outcome, gates, f"eval-run-{i}"))
 
 
@@ -34,9 +32,7 @@ def test_promotion_needs_passing_gates_unless_forced_with_a_reason(mlflow_store,
     client = connect(mlflow_store)
     _versions(client, [True, False, None])
 
-    with pytest.raises(
-        GateError, match=r"faq/2: it failed its gates \(rougeL >= 0.3\) in evaluation run eval-run-2"
-    ):
+    with pytest.raises(GateError, match=r"faq/2: it failed its gates \(rougeL >= 0.3\) in evaluation run eval-run-2"):
         promote(client, NAME, "2")
     with pytest.raises(GateError, match="never evaluated"):
         promote(client, NAME, "3")
@@ -106,12 +102,7 @@ def test_cli_promote_rollback_history_and_bad_input(mlflow_store, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     assert "- -> 1" in lines[0] and "eval-run-1 (verdict pass)" in lines[0]
-    assert (
-        "1 -> 2" in lines[1]
-        and "FORCED" in lines[1]
-        and "customer demo" in lines[1]
-        and "verdict fail" in lines[1]
-    )
+    assert "1 -> 2" in lines[1] and "FORCED" in lines[1] and "customer demo" in lines[1] and "verdict fail" in lines[1]
     assert "2 -> 1" in lines[2] and "[rollback]" in lines[2]
 
     assert cli(["history", "nope"]) == 2
@@ -133,9 +124,7 @@ def test_cli_evaluate_bad_input_exits_2_without_moving_aliases(mlflow_store, cap
     cases.append((["evaluate", NAME, "--suite", "crows", "--crows", str(empty)], "suite is empty"))
     broken = tmp_path / "cf.jsonl"
     broken.write_text('{"id": 1, "axis": "age", "template": "hi {group}", "groups": ["a", "b"]}\n{"id": 2}\n')
-    cases.append(
-        (["evaluate", NAME, "--suite", "counterfactual", "--counterfactual", str(broken)], "cf.jsonl:2:")
-    )
+    cases.append((["evaluate", NAME, "--suite", "counterfactual", "--counterfactual", str(broken)], "cf.jsonl:2:"))
     for argv, message in cases:
         assert cli(argv) == 2, argv
         assert message in capsys.readouterr().err, argv

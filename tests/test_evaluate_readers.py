@@ -72,9 +72,7 @@ def test_bbq_gender_labels_match_f_and_m(tmp_path: Path):
 
 def test_malformed_crows_row_names_file_and_line(tmp_path: Path):
     path = tmp_path / "crows.csv"
-    path.write_text(
-        "sent_more,sent_less,stereo_antistereo,bias_type\nA b.,C d.,stereo,gender\nE f.,,stereo,age\n"
-    )
+    path.write_text("sent_more,sent_less,stereo_antistereo,bias_type\nA b.,C d.,stereo,gender\nE f.,,stereo,age\n")
     with pytest.raises(DataError, match=r"crows.csv:3: empty field\(s\) sent_less"):
         readers.read_crows(path)
 
@@ -111,17 +109,13 @@ def test_counterfactual_group_missing_a_placeholder(tmp_path: Path):
         "groups": {"wife": {"relative": "wife", "pronoun": "she"}, "husband": {"relative": "husband"}},
     }
     path.write_text(json.dumps(row) + "\n")
-    with pytest.raises(
-        DataError, match=r"cf.jsonl:1: group 'husband' fills no value for placeholder\(s\) pronoun"
-    ):
+    with pytest.raises(DataError, match=r"cf.jsonl:1: group 'husband' fills no value for placeholder\(s\) pronoun"):
         readers.read_counterfactual(path)
 
 
 def test_quality_row_without_an_answer_names_line(tmp_path: Path):
     path = tmp_path / "extra.jsonl"
-    path.write_text(
-        json.dumps({"prompt": "q", "completion": "a"}) + "\n" + json.dumps({"text": "plain"}) + "\n"
-    )
+    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n" + json.dumps({"text": "plain"}) + "\n")
     with pytest.raises(DataError, match=r"extra.jsonl:2: no reference answer"):
         readers.read_quality(path)
 

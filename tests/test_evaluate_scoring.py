@@ -20,6 +20,17 @@ def subject(tiny_base) -> Subject:
     return Subject("base", model, None, tokenizer, None, None, [tokenizer.eos_token_id])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models on shared cores: one torch thread avoids OpenMP oversubscription stalls (4-8x here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _hand_loglik(subject: Subject, ids: list[int]) -> float:
     """log p(ids[1:] | ids[0]) from one unpadded forward pass, summed token by token."""
     with torch.no_grad():
@@ -40,8 +51,7 @@ def test_crows_sentence_scores_equal_hand_computed_logliks(subject):
     prefix = prefix_token(subject)
     assert prefix == subject.tokenizer.bos_token_id  # SmolLM2 has a BOS; EOS is only the fallback
     hand = [
-        _hand_loglik(subject, [prefix, *subject.tokenizer(s, add_special_tokens=False)["input_ids"]])
-        for s in SENTENCES
+        _hand_loglik(subject, [prefix, *subject.tokenizer(s, add_special_tokens=False)["input_ids"]]) for s in SENTENCES
     ]
     got = sentence_logliks(subject, SENTENCES, batch_size=3)  # mixed lengths: padding inside a batch
     np.testing.assert_allclose(got, hand, rtol=0, atol=2e-4)
@@ -81,9 +91,7 @@ def test_continuation_scores_do_not_depend_on_batching(subject):
 
 def test_batched_greedy_generation_matches_one_at_a_time(subject):
     tok = subject.tokenizer
-    prompts = [
-        tok(t, add_special_tokens=False)["input_ids"] for t in ("Hi", "Tell me about concrete curing times")
-    ]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Hi", "Tell me about concrete curing times")]
     together = generate_greedy(subject, prompts, max_new_tokens=5, batch_size=2)
     alone = [generate_greedy(subject, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
     assert together == alone
@@ -150,10 +158,7 @@ def test_shared_prompt_scoring_equals_scoring_each_pair(subject):
         for p in ("Who laid the bricks?", "Q: a much longer question here?")
     ]
     conts = [
-        [
-            tok(c, add_special_tokens=False)["input_ids"]
-            for c in ("The man", "Unknown", "The young apprentice")
-        ]
+        [tok(c, add_special_tokens=False)["input_ids"] for c in ("The man", "Unknown", "The young apprentice")]
     ] * 2
     shared = shared_prompt_logprobs(subject, prompts, conts, batch_size=2)
     pairs = [(p, c) for p, cs in zip(prompts, conts, strict=True) for c in cs]
