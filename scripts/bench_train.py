@@ -41,6 +41,9 @@ def run_arm(arm: str, config: Path, examples: int, out_dir: Path) -> dict:
             "training.eval_steps=100000",
             "training.save_steps=100000",
             "training.logging_steps=1000",
+            # 4 examples per micro-batch, 2 micro-batches per step: the padded baseline at 8 x 512 needs ~13 GB
+            "training.batch_size=4",
+            "training.gradient_accumulation_steps=2",
         ],
     )
     checked = check(cfg)
