@@ -29,7 +29,7 @@ class EvaluationConfig(Section):
     )
     max_new_tokens: int = Field(96, ge=1, le=4096, description="Longest greedy answer when generating.")
     counterfactual_max_new_tokens: int = Field(
-        48,
+        32,
         ge=1,
         le=4096,
         description="Longest greedy answer to a counterfactual prompt (kept short for speed).",
