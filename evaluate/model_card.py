@@ -94,7 +94,7 @@ def build(card: CardInputs) -> list[Block]:
             (
                 "table",
                 (
-                    ["gate", "value", "95% CI", "threshold", "result", "note"],
+                    ["gate", "value", "bootstrap CI", "threshold", "result", "note"],
                     [
                         [
                             g.gate,
