@@ -48,13 +48,23 @@ def losses(client, run_id: str) -> list[tuple[int, float]]:
     return [(m.step, round(m.value, 5)) for m in client.get_metric_history(run_id, "train_loss")]
 
 
+def test_params_over_the_length_limit_are_split_never_cut():
+    from finetune.job import _params
+
+    long_prompt = "Answer as the company's assistant. " * 200
+    params = _params(JobConfig.model_validate({"data": {"system_prompt": long_prompt}}))
+    parts = sorted(k for k in params if k.startswith("data.system_prompt.part"))
+    assert len(parts) == 2 and "".join(params[k] for k in parts) == long_prompt
+    assert all(len(v) <= 6000 for v in params.values())
+
+
 def test_job_logs_everything_and_registers_a_version(tmp_path, tiny_base, mlflow_store):
     result = run_job(job(tmp_path, tiny_base, mlflow_store), "tiny")
     client = connect(mlflow_store)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["lora.r"] == "4" and run.data.params["training.max_steps"] == "4"
-    assert len(run.data.params["data.system_prompt"]) >= 0
+    assert run.data.params["data.system_prompt"] == "null" and run.data.params["lora.target_modules"] == "all-linear"
     for metric in ("train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second"):
         assert metric in run.data.metrics, metric
     assert len(losses(client, result.run_id)) == 4
@@ -73,9 +83,12 @@ def test_job_logs_everything_and_registers_a_version(tmp_path, tiny_base, mlflow
     assert mv.run_id == result.run_id and mv.tags["tuneops.base_model"] == str(tiny_base)
     manifest = json.loads(Path(client.download_artifacts(result.run_id, "manifest.json")).read_text())
     assert manifest["base_digest"].startswith("sha256:") and manifest["eos_token"] == "<|im_end|>"
-    # the base weights are referenced, never copied into the version
-    model_files = [a.path for a in client.list_artifacts(result.run_id, "model/artifacts/bundle/adapter")]
-    assert not any(p.endswith("model.safetensors") and "adapter_" not in p for p in model_files)
+    # the version holds the adapter and manifest; the base weights are referenced, never copied into it
+    from core.registry import download_version, resolve_version
+
+    folder = download_version(client, resolve_version(client, f"tiny-faq/{result.version}"), tmp_path / "dl")
+    files = sorted(p.name for p in folder.rglob("*.safetensors"))
+    assert files == ["adapter_model.safetensors"]
 
 
 def test_same_seed_gives_the_same_losses(tmp_path, tiny_base, mlflow_store):
