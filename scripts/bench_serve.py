@@ -226,7 +226,7 @@ def start_gateway(uri: str, port: int, max_batch: int, work: Path, threads: int)
     )
 
 
-def start_hf_serve(port: int, work: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_hf_serve(port: int, work: Path, threads: int, cb_args: list[str]) -> tuple[subprocess.Popen, str]:
     from core.models import resolve_base_model
 
     path = str(resolve_base_model("smollm2-135m-instruct").path)
@@ -245,6 +245,7 @@ def start_hf_serve(port: int, work: Path, threads: int) -> tuple[subprocess.Pope
             str(port),
             "--host",
             "127.0.0.1",
+            *cb_args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=(work / "hf-serve.log").open("w"),
@@ -336,8 +337,22 @@ def main() -> None:
     parser.add_argument(
         "--requests", type=int, nargs="+", default=[4, 8, 16], help="requests sent at each --clients level (same order)"
     )
+    parser.add_argument(
+        "--serial-clients",
+        type=int,
+        nargs="+",
+        help="client levels for the one-at-a-time target (default: --clients); its throughput does not depend "
+        "on the clients, only its queueing does",
+    )
     parser.add_argument("--targets", nargs="+", default=["gateway", "hf-serve", "serial", "in-process"])
     parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument(
+        "--hf-cb-args",
+        default="--cb-num-blocks 512 --cb-block-size 32",
+        help="continuous-batching flags for `transformers serve`: by default its KV cache is sized from free "
+        "memory, and on this shared 24 GB machine it grew to 13.9 GB at 16 clients and was OOM-killed; "
+        "512 blocks of 32 tokens hold 16 x 1024 tokens",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -357,9 +372,10 @@ def main() -> None:
         return dict(zip(args.clients, args.requests, strict=False)).get(c, max(4, c))
 
     def run_server(target: str, proc: subprocess.Popen, port: int, model: str, ready: str) -> None:
+        levels = args.serial_clients if target == "serial" and args.serial_clients else args.clients
         try:
             wait_http(f"http://127.0.0.1:{port}{ready}", proc)
-            for c in args.clients:
+            for c in levels:
                 n = requests_for(c)
                 res = asyncio.run(load(f"http://127.0.0.1:{port}/v1", model, target, c, n, args.max_tokens))
                 rows.append(res.row())
@@ -386,7 +402,7 @@ def main() -> None:
             elif target == "serial":
                 run_server(target, start_gateway(uri, port, 1, work, args.threads), port, MODEL_NAME, "/health/ready")
             elif target == "hf-serve":
-                proc, model = start_hf_serve(port, work, args.threads)
+                proc, model = start_hf_serve(port, work, args.threads, args.hf_cb_args.split())
                 run_server(target, proc, port, model, "/health")
             elif target == "in-process":
                 rows.append(in_process(args.max_tokens, requests_for(1), args.threads).row())
