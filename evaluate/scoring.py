@@ -185,9 +185,7 @@ def shared_prompt_logprobs(
                 mask[r, : len(c)] = 1
             full_mask = torch.cat([inputs["attention_mask"][owner], mask], dim=1)
             positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-            logits = model(
-                input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache
-            ).logits.float()
+            logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache).logits.float()
             rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             head = first[owner].gather(-1, ids[:, :1]).squeeze(-1)
             scores = torch.cat([head.unsqueeze(-1), rest], dim=1).cpu().double().numpy()

@@ -43,9 +43,7 @@ def register_version(uri: str, workdir: Path, seed: int) -> str:
         load_causal_lm(base, torch.device("cpu"), torch.float32),
         LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
     )
-    manifest = Manifest(
-        base.name, base.digest, tokenizer.chat_template, tokenizer.eos_token, job_name="bench"
-    )
+    manifest = Manifest(base.name, base.digest, tokenizer.chat_template, tokenizer.eos_token, job_name="bench")
     bundle = write_bundle(workdir / f"bundle-{seed}", model, tokenizer, manifest)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("bench-eval")
@@ -59,9 +57,7 @@ def register_version(uri: str, workdir: Path, seed: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--with-production", action="store_true", help="Also compare with a production version."
-    )
+    parser.add_argument("--with-production", action="store_true", help="Also compare with a production version.")
     parser.add_argument("--max-examples", type=int, default=64)
     parser.add_argument("--max-bias-items", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=96)

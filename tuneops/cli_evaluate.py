@@ -51,9 +51,7 @@ def _config_from_run(client: Any, run_id: str) -> dict[str, Any]:
 
 
 def evaluate_command(
-    model: Annotated[
-        str, typer.Argument(help="NAME (its production alias), NAME@ALIAS, NAME/VERSION or a run id.")
-    ],
+    model: Annotated[str, typer.Argument(help="NAME (its production alias), NAME@ALIAS, NAME/VERSION or a run id.")],
     suite: Annotated[
         list[str] | None,
         typer.Option("--suite", "-s", help="quality, crows, bbq or counterfactual; repeat for several."),
@@ -135,12 +133,8 @@ def evaluate_command(
 def promote_command(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Version number to make production.")],
-    force: Annotated[
-        bool, typer.Option("--force", help="Promote even though gates failed (needs --reason).")
-    ] = False,
-    reason: Annotated[
-        str | None, typer.Option("--reason", help="Why; recorded in the alias history.")
-    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even though gates failed (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why; recorded in the alias history.")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Point `production` at VERSION, only if its gates passed (or --force --reason)."""
@@ -154,9 +148,7 @@ def promote_command(
 
 def rollback_command(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
-    reason: Annotated[
-        str | None, typer.Option("--reason", help="Why; recorded in the alias history.")
-    ] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why; recorded in the alias history.")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Move `production` back to the version it pointed at before."""
