@@ -83,7 +83,8 @@ install_wheels() {
 if [ "${DEVICE_CHECK_SKIP_INSTALL:-0}" = 1 ]; then
   echo "wheel install skipped (DEVICE_CHECK_SKIP_INSTALL=1), site: $SITE"
 else
-  run_step wheels 150 install_wheels
+  export -f install_wheels; export PY SITE
+  run_step wheels 150 bash -c install_wheels  # timeout runs programs, not shell functions
 fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
