@@ -49,20 +49,21 @@ class Inputs:
 
 
 def _validation_split(ref: VersionRef, dest: Path) -> Path | None:
-    """The training run's held-out split, or None when the run logged none."""
+    """The training run's held-out split, or None when the run logged none (or an empty one)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if not ref.run_id:
         return None
     try:
-        return Path(
+        path = Path(
             mlflow.artifacts.download_artifacts(
                 run_id=ref.run_id, artifact_path=VALIDATION_ARTIFACT, dst_path=str(dest)
             )
         )
     except (MlflowException, OSError):
         return None
+    return path if path.read_text(encoding="utf-8").strip() else None  # the job had no validation split
 
 
 def read_inputs(cfg: EvaluationConfig, ref: VersionRef, workdir: Path) -> Inputs:
@@ -74,9 +75,9 @@ def read_inputs(cfg: EvaluationConfig, ref: VersionRef, workdir: Path) -> Inputs
         files = ([split] if split else []) + [Path(p) for p in cfg.extra_files]
         if not files:
             raise DataError(
-                f"{ref.label}: its training run logged no {VALIDATION_ARTIFACT} and evaluation.extra_files "
-                "is empty, so there is nothing to measure quality on (name a file, or drop 'quality' from "
-                "suites)"
+                f"{ref.label}: its training run logged no (or an empty) {VALIDATION_ARTIFACT} and "
+                "evaluation.extra_files is empty, so there is nothing to measure quality on (name a file, or drop "
+                "'quality' from suites)"
             )
         for path in files:
             items = readers.read_quality(path, cfg.max_examples)

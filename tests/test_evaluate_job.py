@@ -148,11 +148,16 @@ def _bare_version(client) -> None:
     client.create_model_version("tiny-model", "file:///nowhere", run_id=run.info.run_id)
 
 
-def test_missing_validation_split_is_a_clear_error(mlflow_store):
+def test_missing_validation_split_is_a_clear_error(mlflow_store, tmp_path):
     client = connect(mlflow_store)
     _bare_version(client)
-    with pytest.raises(DataError, match=r"logged no data/validation\.jsonl"):
-        run_evaluation("tiny-model/1", _small(suites=["quality"]), tracking_uri=mlflow_store)
+    for _ in range(2):  # no split at all, then an empty one (a job trained without a validation split)
+        with pytest.raises(DataError, match=r"logged no \(or an empty\) data/validation\.jsonl"):
+            run_evaluation("tiny-model/1", _small(suites=["quality"]), tracking_uri=mlflow_store)
+        (tmp_path / "validation.jsonl").write_text("")
+        client.log_artifact(
+            client.get_model_version("tiny-model", "1").run_id, str(tmp_path / "validation.jsonl"), "data"
+        )
     assert VALIDATION_ARTIFACT == "data/validation.jsonl"
     assert "tuneops.verdict" not in client.get_model_version("tiny-model", "1").tags
 
