@@ -21,7 +21,7 @@ from typing import Any
 from core.errors import ModelError, TuneopsError
 from core.registry import ADAPTER_DIR, MANIFEST_FILE, PRODUCTION, REF, Manifest
 from serve.engine import Engine, Failed, Finished, Job, SamplingParams
-from serve.errors import ModelNotFound, NotReady
+from serve.errors import APIError, ModelNotFound, NotReady
 from serve.metrics import Metrics
 from serve.settings import ServeSettings
 
@@ -99,7 +99,13 @@ class VersionDirectory:
                 raise ModelNotFound(ref, f"has no alias '{alias}'")
         if (name, version) in self._failed:
             raise ModelNotFound(ref, f"cannot be served: version {version} failed to load")
-        served = self._load(name, version)
+        try:
+            served = self._load(name, version)
+        except APIError:
+            raise
+        except Exception as exc:  # logged here; the client learns which version and why, briefly
+            log.error("%s: version %s failed to load: %s", ref, version, exc)
+            raise ModelNotFound(ref, f"cannot be served: version {version} failed to load") from None
         if not m["version"]:
             self._switch(name, m["alias"] or PRODUCTION, served)
         return served

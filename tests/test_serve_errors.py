@@ -19,6 +19,7 @@ def gateway(store) -> Iterator[Running]:
     from serve.auth import hash_key
 
     store.publish("tiny-model", seed=0, alias="production")
+    store.publish("tiny-model", seed=9, broken="weights")  # version 2: never loads
     with running_gateway(
         ["tiny-model"],
         api_keys=[hash_key(k) for k in KEYS],
@@ -118,6 +119,8 @@ def test_bad_json_too_large_body_unknown_route_and_model(gateway):
     assert r.status_code == 404 and error_of(r)["code"] == "not_found"
     r = post_chat(gateway, {"model": "other-model", "messages": CHAT})
     assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    r = post_chat(gateway, {"model": "tiny-model/2", "messages": CHAT})  # a version that fails to load
+    assert r.status_code == 404 and "failed to load" in error_of(r)["message"]
     assert r.headers["x-request-id"]
 
 
