@@ -67,7 +67,7 @@ def test_completions_with_several_prompts_and_n_streamed_and_not(gateway):
     assert streamed == plain.choices[0].text and plain.choices[0].finish_reason == "length"
 
 
-def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(gateway):
+def test_seed_repeats_sampling_top_p_narrows_it_and_stop_cuts_the_text(gateway):
     client = gateway.client()
 
     def ask(**kw):
@@ -77,6 +77,7 @@ def test_seed_makes_sampling_repeatable_and_stop_cuts_the_text(gateway):
     assert a.message.content == b.message.content
     assert {ask(temperature=1.0, seed=s).message.content for s in range(4)} != {a.message.content}
     full = ask(temperature=0).message.content
+    assert ask(temperature=1.0, top_p=1e-6, seed=5).message.content == full  # the nucleus is the top token
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = ask(temperature=0, stop=[stop])
     assert cut.finish_reason == "stop" and cut.message.content == full[: full.index(stop)]
