@@ -255,7 +255,7 @@ class OpenAIServing:
 
     async def events(
         self, queue: asyncio.Queue[Event], jobs: list[Job], disconnected: Callable[[], Any] | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[Delta | Finished]:
         """Engine events until every choice finished; cancels the jobs if the consumer stops early."""
         remaining = sum(j.params.n for j in jobs)
         checked = time.monotonic()

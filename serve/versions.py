@@ -10,6 +10,7 @@ keeps the old one serving and is not retried until its alias moves again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import threading
@@ -326,7 +327,7 @@ class VersionDirectory:
                 return
             key = min(spare, key=lambda k: self._used.get(k, 0.0))
             served = self._versions.pop(key)
-            removed = self.engine.call(lambda s=served: self.engine.remove_adapter(s.adapter)).result(30)
+            removed = self.engine.call(functools.partial(self.engine.remove_adapter, served.adapter)).result(30)
             if not removed:
                 self._versions[key] = served
                 return
