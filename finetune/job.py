@@ -165,11 +165,7 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
             dtype,
             callbacks,
         )
-        log.info(
-            "training on %d process(es), %d optimizer steps",
-            trainer.args.world_size,
-            trainer.args.max_steps if trainer.args.max_steps > 0 else -1,
-        )
+        log.info("training on %d process(es)", trainer.args.world_size)
         if main:
             mlflow.set_tag("tuneops.world_size", str(trainer.args.world_size))
         result = trainer.train(resume_from_checkpoint=True if resume else None)
