@@ -240,6 +240,9 @@ class Engine:
             job = self._waiting.popleft()
             if job.cancelled:
                 continue
+            if job.adapter not in self.model.peft_config:  # unloaded between lookup and submit
+                self._fail(job, NotReady("The requested version was just unloaded; retry.", retry_after_s=1))
+                continue
             joiners.append(job)
             rows += job.params.n
         return joiners

@@ -243,7 +243,7 @@ class VersionDirectory:
             self.metrics.adapter_loads.labels(name, version, "success").inc()
             self._versions[(name, version)] = served
             self._used[(name, version)] = time.monotonic()
-            self._evict()
+            self._evict(keep=(name, version))
             log.info("loaded %s/%s as adapter %s", name, version, adapter)
             return served
 
@@ -319,8 +319,9 @@ class VersionDirectory:
         if isinstance(outcome[0], Failed):
             raise ModelError(f"the warm-up generation failed: {outcome[0].error.message}")
 
-    def _evict(self) -> None:
-        pinned = {(s.model, s.version) for s in self._aliases.values()}
+    def _evict(self, keep: tuple[str, str]) -> None:
+        """Unload least recently used versions beyond the limit; alias targets and `keep` (just loaded) stay."""
+        pinned = {(s.model, s.version) for s in self._aliases.values()} | {keep}
         while len(self._versions) > self.settings.max_loaded_adapters:
             spare = [k for k in self._versions if k not in pinned]
             if not spare:

@@ -135,3 +135,16 @@ def test_sigterm_turns_readiness_false_and_drains_in_flight_requests(store):
         assert chunks[-1].usage.completion_tokens == 120
         gw.thread.join(30)
         assert not gw.thread.is_alive()
+
+
+def test_least_recently_used_versions_are_unloaded_beyond_the_limit_and_reload_on_demand(store):
+    store.publish("lru-model", seed=0, alias="production")
+    store.publish("lru-model", seed=1)
+    store.publish("lru-model", seed=2)
+    with running_gateway(["lru-model"], max_loaded_adapters=2) as gw:
+        client = gw.client()
+        first = {v: answer(client, f"lru-model/{v}", 8) for v in ("2", "3")}  # 3 evicts 2 (1 is production)
+        assert first["2"] != first["3"]
+        assert answer(client, "lru-model/2", 8) == first["2"]  # loaded again, same answer
+        assert gw.metric("tuneops:adapter_loads_total", model_name="lru-model", version="2", outcome="success") == 2
+        assert answer(client, "lru-model", 8) == answer(client, "lru-model/1", 8)
