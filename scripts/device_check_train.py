@@ -92,9 +92,8 @@ def build_base(config_dir: Path, out: Path, tiny: bool, seed: int = 1234) -> Pat
         shutil.rmtree(out)
     shutil.move(str(tmp), str(out))
     n = sum(p.numel() for p in model.parameters())
-    log(
-        f"base: random-weight {config.model_type} with {n / 1e6:.1f}M parameters in {out} ({time.perf_counter() - t0:.1f} s)"
-    )
+    seconds = time.perf_counter() - t0
+    log(f"base: random-weight {config.model_type} with {n / 1e6:.1f}M parameters in {out} ({seconds:.1f} s)")
     return out
 
 
