@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +63,10 @@ def check(cfg: JobConfig) -> Checked:
     tokenizer = load_tokenizer(base)
     data = prepare(cfg.data, tokenizer)
     return Checked(base, tokenizer, data)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _distributed_rank() -> int:
@@ -139,6 +145,8 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
     device = choose_device(cfg.model.device)
     dtype = choose_dtype(cfg.model.dtype, device)
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a stopped job is marked KILLED, not left RUNNING
     run_id, experiment_id = ("", "")
     if main:
         run_id, experiment_id = _start_run(client, cfg, job_name, resume)

@@ -167,3 +167,29 @@ def test_real_model_fine_tune_generates_through_pyfunc(tmp_path, smollm2, mlflow
     model = mlflow.pyfunc.load_model(f"models:/tiny-faq/{result.version}")
     answer = model.predict(["What is a building permit?"], params={"max_new_tokens": 24})[0]
     assert isinstance(answer, str) and len(answer.split()) >= 3
+
+
+def test_a_job_stopped_by_sigterm_is_marked_killed_and_registers_nothing(tmp_path, tiny_base, mlflow_store):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = job(tmp_path, tiny_base, mlflow_store, training={"max_steps": 400, "save_steps": 400, "eval_steps": 400})
+    cmd = [sys.executable, "-m", "tuneops", "train", str(tmp_path / "job.yaml")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    run_file = cfg.training.output_dir / "tuneops-run.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if run_file.exists() and list(cfg.training.output_dir.glob("checkpoints")):
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # let the Trainer take a few steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    client = connect(mlflow_store)
+    run_id = json.loads(run_file.read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED", err[-2000:]
+    assert client.search_registered_models() == []
