@@ -136,12 +136,12 @@ def make_trainer(
     dtype: torch.dtype,
     callbacks: list[TrainerCallback],
 ) -> Trainer:
-    from transformers import EarlyStoppingCallback, PrinterCallback
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     args = training_arguments(cfg, output_dir, device, dtype, has_eval=bool(validation))
     if cfg.training.early_stopping_patience is not None and validation:
         callbacks = [*callbacks, EarlyStoppingCallback(cfg.training.early_stopping_patience)]
-    trainer_class = _trainer_class() if cfg.training.packing else __import__("transformers").Trainer
+    trainer_class = _trainer_class() if cfg.training.packing else Trainer
     trainer = trainer_class(
         model=model,
         args=args,

@@ -109,18 +109,14 @@ def print_result(result) -> None:  # type: ignore[no-untyped-def]
     typer.echo(f"MLflow UI: {ui}  then open #/experiments/{result.experiment_id}/runs/{result.run_id}")
 
 
-STAGE_COMMANDS = ("tuneops.cli_evaluate", "tuneops.cli_serve", "tuneops.pipeline")
-
-
 def _register_stage_commands() -> None:
-    import importlib
-    import importlib.util
+    """Add the evaluate, serve and pipeline commands, each defined beside its stage's glue."""
+    from tuneops import cli_evaluate, cli_serve, pipeline
 
     if getattr(app, "_stages_registered", False):
         return
-    for name in STAGE_COMMANDS:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(app)
+    for module in (cli_evaluate, cli_serve, pipeline):
+        module.register(app)
     app._stages_registered = True  # type: ignore[attr-defined]
 
 
