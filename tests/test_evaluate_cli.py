@@ -9,16 +9,7 @@ from core.registry import PRODUCTION, connect, current_alias
 from evaluate.readers import SUITES_DIR
 from tuneops.cli import run as cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on shared cores: one torch thread avoids OpenMP oversubscription stalls."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_evaluate_uses_the_training_config_gates_then_promotion_follows_the_verdict(

@@ -14,15 +14,7 @@ from evaluate.readers import SUITES_DIR
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on shared cores: one torch thread avoids OpenMP oversubscription stalls (4-8x here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _register_identity_version(smollm2, tmp_path: Path) -> str:

@@ -14,16 +14,7 @@ from core.schema.evaluation import EvaluationConfig
 from evaluate.job import VALIDATION_ARTIFACT, run_evaluation
 from evaluate.readers import SUITES_DIR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on shared cores: one torch thread avoids OpenMP oversubscription stalls (4-8x here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _with_validation(client, ref, tmp_path: Path, n: int = 6) -> None:

@@ -20,15 +20,7 @@ def subject(tiny_base) -> Subject:
     return Subject("base", model, None, tokenizer, None, None, [tokenizer.eos_token_id])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on shared cores: one torch thread avoids OpenMP oversubscription stalls (4-8x here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _hand_loglik(subject: Subject, ids: list[int]) -> float:
