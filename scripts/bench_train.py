@@ -17,19 +17,47 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 
 
-def run_arm(arm: str, config: Path, examples: int, out_dir: Path) -> dict:
+def build_trainer(arm: str, cfg: Any, checked: Any, train: list, out_dir: Path, device: Any) -> tuple[Any, Any]:
+    """The two arms on the same seeded LoRA init: the baseline a typical user writes, or the tuneops recipe."""
     import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    from core.device import choose_dtype
+    from core.models import load_causal_lm
+    from finetune.recipe import attach_lora, make_trainer, to_dataset, training_arguments
+
+    set_seed(cfg.training.seed)
+    if arm == "baseline":
+        # Trainer + peft, every example padded to the longest allowed, fp32.
+        dtype = torch.float32
+        model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
+        args = training_arguments(cfg, out_dir, device, dtype, has_eval=False)
+        args.include_num_input_tokens_seen = "no"
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=to_dataset(train),
+            data_collator=DataCollatorForSeq2Seq(
+                checked.tokenizer, padding="max_length", max_length=512, label_pad_token_id=-100
+            ),
+        )
+        return trainer, dtype
+    dtype = choose_dtype(cfg.model.dtype, device)
+    model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
+    return make_trainer(cfg, model, checked.tokenizer, train, [], out_dir, device, dtype, []), dtype
+
+
+def run_arm(arm: str, config: Path, examples: int, out_dir: Path) -> dict:
 
     from core.config import load_config
-    from core.device import choose_device, choose_dtype, dtype_name
-    from core.models import load_causal_lm
+    from core.device import choose_device, dtype_name
     from core.schema.job import JobConfig
     from finetune.job import check
-    from finetune.recipe import attach_lora, make_trainer
 
     cfg = load_config(
         JobConfig,
@@ -50,33 +78,12 @@ def run_arm(arm: str, config: Path, examples: int, out_dir: Path) -> dict:
     train = checked.data.train[:examples]
     validation = checked.data.validation
     device = choose_device(cfg.model.device)
-    if arm == "baseline":
-        # What a typical user writes: Trainer + peft, every example padded to the longest allowed, fp32.
-        from transformers import DataCollatorForSeq2Seq, Trainer
-
-        from finetune.recipe import to_dataset, training_arguments
-
-        dtype = torch.float32
-        model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
-        args = training_arguments(cfg, out_dir, device, dtype, has_eval=False)
-        args.include_num_input_tokens_seen = "no"
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=to_dataset(train),
-            data_collator=DataCollatorForSeq2Seq(
-                checked.tokenizer, padding="max_length", max_length=512, label_pad_token_id=-100
-            ),
-        )
-    else:
-        dtype = choose_dtype(cfg.model.dtype, device)
-        model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
-        trainer = make_trainer(cfg, model, checked.tokenizer, train, [], out_dir, device, dtype, [])
+    trainer, dtype = build_trainer(arm, cfg, checked, train, out_dir, device)
     real_tokens = sum(len(t.input_ids) for t in train)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    from transformers import DataCollatorWithFlattening, Trainer
+    from transformers import DataCollatorWithFlattening
 
     from finetune.recipe import to_dataset
 

@@ -174,33 +174,14 @@ def warm_up(checked: Any, cfg: Any, device: Any) -> None:
 
 def run_arm(arm: str, checked: Any, cfg: Any, train: list, validation: list, out_dir: Path, device: Any) -> dict:
     """bench_train.py's two arms, on the device, with peak device memory."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, set_seed
+    from bench_train import build_trainer
+    from transformers import DataCollatorWithFlattening
 
-    from core.device import choose_dtype, dtype_name
-    from core.models import load_causal_lm
-    from finetune.recipe import attach_lora, make_trainer, to_dataset, training_arguments
+    from core.device import dtype_name
+    from finetune.recipe import to_dataset
 
     _reset_memory(device)
-    set_seed(cfg.training.seed)
-    if arm == "baseline":
-        # What a typical user writes: Trainer + peft, every example padded to 512, fp32.
-        dtype = torch.float32
-        model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
-        args = training_arguments(cfg, out_dir, device, dtype, has_eval=False)
-        args.include_num_input_tokens_seen = "no"
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=to_dataset(train),
-            data_collator=DataCollatorForSeq2Seq(
-                checked.tokenizer, padding="max_length", max_length=512, label_pad_token_id=-100
-            ),
-        )
-    else:
-        dtype = choose_dtype(cfg.model.dtype, device)
-        model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
-        trainer = make_trainer(cfg, model, checked.tokenizer, train, [], out_dir, device, dtype, [])
+    trainer, dtype = build_trainer(arm, cfg, checked, train, out_dir, device)
     real_tokens = sum(len(t.input_ids) for t in train)
     _sync(device)
     t0 = time.perf_counter()
@@ -225,7 +206,7 @@ def run_arm(arm: str, checked: Any, cfg: Any, train: list, validation: list, out
         "peak_mib": round(peak_train, 1) if peak_train is not None else None,
         "peak_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss (process)",
     }
-    del trainer, model
+    del trainer
     _reset_memory(device)
     return out
 
