@@ -6,6 +6,7 @@ Every example keeps where it came from (file and line) so that each problem can 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -52,11 +53,15 @@ class ReadResult:
     files: list[Path]
     shape: str
 
+    @functools.cached_property
     def digest(self) -> str:
+        """Content digest of every file read, a saved `datasets` folder's files included; computed once."""
         h = hashlib.sha256()
         for f in self.files:
-            h.update(f.name.encode())
-            h.update(f.read_bytes() if f.is_file() else b"")
+            parts = sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
+            for part in parts:
+                h.update(str(part.relative_to(f.parent)).encode())
+                h.update(part.read_bytes())
         return h.hexdigest()[:16]
 
 

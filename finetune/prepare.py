@@ -123,7 +123,7 @@ def _stats(lengths: list[int]) -> dict[str, float]:
 def cache_key(cfg: DataConfig, read: ReadResult, tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = [
-        read.digest(),
+        read.digest,
         hashlib.sha256(vocab.encode()).hexdigest(),
         tokenizer.chat_template or "",
         tokenizer.eos_token,
@@ -208,7 +208,7 @@ def _prepare(
         validation=0,
         dropped={"malformed": len(read.malformed), "empty": len(read.empty), "duplicate": 0, "too_long": 0},
         dropped_rows={"malformed": read.malformed, "empty": read.empty, "duplicate": [], "too_long": []},
-        digest=read.digest(),
+        digest=read.digest,
     )
     kept = _clean(cfg, tokenizer, read.examples, report)
     if not kept:

@@ -114,3 +114,19 @@ def test_cache_is_reused_only_for_the_same_inputs(tmp_path, tokenizer, tiny_base
     assert other_template.report.cache_key != first.report.cache_key
     path.write_text(path.read_text() + json.dumps({"instruction": "New?", "output": "Yes."}) + "\n")
     assert prepare(DataConfig(path=path), tokenizer).report.cache_key != first.report.cache_key
+
+
+def test_cache_sees_changes_inside_a_saved_dataset_folder(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    folder = tmp_path / "saved"
+    Dataset.from_list(ROWS[:4]).save_to_disk(str(folder))
+    first = prepare(DataConfig(path=folder, validation_split=0), tokenizer)
+    Dataset.from_list(ROWS[4:8]).save_to_disk(str(tmp_path / "other"))
+    import shutil
+
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "other", folder)
+    second = prepare(DataConfig(path=folder, validation_split=0), tokenizer)
+    assert second.report.cache_key != first.report.cache_key
+    assert [t.messages for t in second.train] != [t.messages for t in first.train]
