@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve import protocol as p
-from serve.app import Gateway, gateway_of
 from serve.errors import ModelNotFound, NotReady
+from serve.gateway import Gateway, gateway_of
 from serve.middleware import request_id
 from serve.serving import parse
 

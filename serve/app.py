@@ -1,4 +1,4 @@
-"""The gateway app factory: a lifespan that owns the engine, the version directory and the alias watcher.
+"""The gateway app factory: a lifespan that starts a `Gateway` (serve/gateway.py) and stops it draining.
 
 State lives on `app.state.gateway`; routes (serve/api.py) only translate HTTP to `OpenAIServing` calls.
 """
@@ -7,77 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 
-from serve.auth import KeyCheck
-from serve.engine import Engine
+from serve.api import router
 from serve.errors import install_handlers
-from serve.metrics import Metrics
+from serve.gateway import Gateway
 from serve.middleware import GatewayMiddleware
-from serve.serving import OpenAIServing
 from serve.settings import ServeSettings
-from serve.versions import VersionDirectory
-
-log = logging.getLogger(__name__)
-
-
-class Gateway:
-    """Everything one running gateway holds, and its phase: starting, ready, draining."""
-
-    def __init__(self, settings: ServeSettings, workdir: Path) -> None:
-        self.settings = settings
-        self.metrics = Metrics()
-        limits = settings.limits
-        self.engine = Engine(
-            max_batch=limits.max_batch_size,
-            max_queue=limits.max_queue,
-            queue_timeout_s=limits.queue_timeout_s,
-            metrics=self.metrics,
-        )
-        self.directory = VersionDirectory(settings, self.engine, self.metrics, workdir)
-        self.serving = OpenAIServing(self.engine, self.directory, limits, settings.log_prompts)
-        self.keys = KeyCheck(settings.api_keys)
-        self.draining = False
-        self.startup_done = False
-        self.metrics.ready.set_function(lambda: float(self.ready()))
-
-    def ready(self) -> bool:
-        return self.startup_done and not self.draining and self.directory.ready()
-
-    def drain(self) -> None:
-        """Readiness turns false and new requests are refused; admitted ones run to the end."""
-        if not self.draining:
-            log.info("draining: readiness is false, in-flight requests finish")
-        self.draining = True
-        self.engine.accepting = False
-
-    async def run(self) -> None:
-        """Load the production versions, then poll the registry for alias moves until cancelled."""
-        try:
-            await asyncio.to_thread(self.directory.start)
-        except Exception:
-            log.exception("startup failed; retrying every %ss", self.settings.poll_interval_s)
-        self.startup_done = True
-        while True:
-            await asyncio.sleep(self.settings.poll_interval_s)
-            try:
-                if not self.directory.started:
-                    await asyncio.to_thread(self.directory.start)
-                else:
-                    await asyncio.to_thread(self.directory.refresh)
-            except Exception:
-                log.exception("registry poll failed")
 
 
 def build_app(settings: ServeSettings) -> FastAPI:
-    from serve.api import router
-
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with tempfile.TemporaryDirectory(prefix="tuneops-serve-") as tmp:
@@ -99,7 +42,3 @@ def build_app(settings: ServeSettings) -> FastAPI:
     app.include_router(router)
     app.add_middleware(GatewayMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     return app
-
-
-def gateway_of(request: Any) -> Gateway:
-    return request.app.state.gateway

@@ -1,0 +1,74 @@
+"""One running gateway: the engine, the version directory and the alias watcher, and its phase.
+
+Kept apart from the app factory (serve/app.py) and the routes (serve/api.py) so both depend on it and
+neither on the other. The lifespan puts it on `app.state.gateway`; routes reach it with `gateway_of`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from serve.auth import KeyCheck
+from serve.engine import Engine
+from serve.metrics import Metrics
+from serve.serving import OpenAIServing
+from serve.settings import ServeSettings
+from serve.versions import VersionDirectory
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Everything one running gateway holds, and its phase: starting, ready, draining."""
+
+    def __init__(self, settings: ServeSettings, workdir: Path) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        limits = settings.limits
+        self.engine = Engine(
+            max_batch=limits.max_batch_size,
+            max_queue=limits.max_queue,
+            queue_timeout_s=limits.queue_timeout_s,
+            metrics=self.metrics,
+        )
+        self.directory = VersionDirectory(settings, self.engine, self.metrics, workdir)
+        self.serving = OpenAIServing(self.engine, self.directory, limits, settings.log_prompts)
+        self.keys = KeyCheck(settings.api_keys)
+        self.draining = False
+        self.startup_done = False
+        self.metrics.ready.set_function(lambda: float(self.ready()))
+
+    def ready(self) -> bool:
+        return self.startup_done and not self.draining and self.directory.ready()
+
+    def drain(self) -> None:
+        """Readiness turns false and new requests are refused; admitted ones run to the end."""
+        if not self.draining:
+            log.info("draining: readiness is false, in-flight requests finish")
+        self.draining = True
+        self.engine.accepting = False
+
+    async def run(self) -> None:
+        """Load the production versions, then poll the registry for alias moves until cancelled."""
+        try:
+            await asyncio.to_thread(self.directory.start)
+        except Exception:
+            log.exception("startup failed; retrying every %ss", self.settings.poll_interval_s)
+        self.startup_done = True
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                if not self.directory.started:
+                    await asyncio.to_thread(self.directory.start)
+                else:
+                    await asyncio.to_thread(self.directory.refresh)
+            except Exception:
+                log.exception("registry poll failed")
+
+
+def gateway_of(request: Any) -> Gateway:
+    """The gateway the app's lifespan started (`app.state.gateway`)."""
+    return request.app.state.gateway
