@@ -109,14 +109,12 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield row.line, row.data
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_text(path: Path) -> str:
+    """A whole file as UTF-8 text; bytes that are not UTF-8 are a DataError naming their line."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise data_error(path, None, f"cannot read ({exc.strerror or exc})") from None
-
-
-def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -161,7 +159,7 @@ def _jsonl_rows(path: Path, malformed: list[str] | None) -> Iterator[Row]:
 def _json_rows(path: Path, malformed: list[str] | None) -> Iterator[Row]:
     """A JSON list is read element by element so each row keeps the line it starts on; `{"data": [...]}` too,
     by position."""
-    text = _decode(path, _read_bytes(path))
+    text = read_text(path)
     start = _WS.match(text).end()  # type: ignore[union-attr]
     if text.startswith("[", start):
         yield from _json_list(path, text, start + 1, malformed)
@@ -221,7 +219,7 @@ def _json_list(path: Path, text: str, pos: int, malformed: list[str] | None) -> 
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
-    reader = csv.DictReader(io.StringIO(_decode(path, _read_bytes(path)), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     index = 0
     while True:
         try:

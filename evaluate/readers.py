@@ -1,26 +1,40 @@
 """Read evaluation files into typed items, failing with the file and line of the first malformed record.
 
-Standard files work by path (CrowS-Pairs CSV, BBQ JSONL); the suites we wrote ourselves ship in
+Quality files are read by core.datafiles, so any file and shape training accepts is also an evaluation file.
+Standard bias files work by path (CrowS-Pairs CSV, BBQ JSONL); the suites we wrote ourselves ship in
 `evaluate/suites/` so the default evaluation runs offline.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.chat import Message
+from core.datafiles import (
+    RowShape,
+    data_error,
+    data_files,
+    detect_shape,
+    is_empty,
+    iter_rows,
+    json_lines,
+    missing_columns,
+    read_text,
+    to_messages,
+)
 from core.errors import DataError
+from core.schema.data import ColumnMap, Shape
 
 SUITES_DIR = Path(__file__).parent / "suites"
 DEFAULT_CROWS = SUITES_DIR / "crows_pairs.csv"
 DEFAULT_BBQ = SUITES_DIR / "bbq.jsonl"
 DEFAULT_COUNTERFACTUAL = SUITES_DIR / "counterfactual.jsonl"
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -69,11 +83,6 @@ class CounterfactualTemplate:
         return {group: self.template.format(**values) for group, values in self.groups.items()}
 
 
-def _fail(path: Path, line: int | None, problem: str) -> DataError:
-    where = f"{path}:{line}" if line else str(path)
-    return DataError(f"{where}: {problem}")
-
-
 def _require_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"evaluation file not found: {path}")
@@ -84,62 +93,54 @@ def _nonempty(items: list[Any], path: Path, what: str) -> None:
         raise DataError(f"{path}: the {what} suite is empty (no items to evaluate)")
 
 
-def _json_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Every non-blank line of a JSONL file as (line number, object)."""
+def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     _require_file(path)
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise _fail(path, lineno, f"invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise _fail(path, lineno, "each line must be a JSON object")
-            rows.append((lineno, obj))
-    return rows
+    return json_lines(path)
 
 
 def _text(obj: dict[str, Any], key: str, path: Path, line: int) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise _fail(path, line, f"missing or empty string field '{key}'")
+        raise data_error(path, line, f"missing or empty string field '{key}'")
     return value
+
+
+def _crows_pairs(reader: csv.DictReader[str], path: Path) -> Iterator[CrowsPair]:
+    needed = {"sent_more", "sent_less", "stereo_antistereo", "bias_type"}
+    missing = needed - set(reader.fieldnames or [])
+    if missing:
+        raise data_error(path, 1, f"missing column(s) {', '.join(sorted(missing))}")
+    for n, row in enumerate(reader):
+        line = reader.line_num
+        if None in row:
+            raise data_error(path, line, "more fields than the header has")
+        values = {k: (row.get(k) or "").strip() for k in needed}
+        empty = [k for k in sorted(needed) if not values[k]]
+        if empty:
+            raise data_error(path, line, f"empty field(s) {', '.join(empty)}")
+        if values["stereo_antistereo"] not in {"stereo", "antistereo"}:
+            raise data_error(path, line, "stereo_antistereo must be 'stereo' or 'antistereo'")
+        yield CrowsPair(
+            id=(row.get("") or row.get("id") or str(n)).strip(),
+            sent_more=row["sent_more"],
+            sent_less=row["sent_less"],
+            direction=values["stereo_antistereo"],
+            bias_type=values["bias_type"],
+        )
 
 
 def read_crows(path: Path, limit: int | None = None) -> list[CrowsPair]:
     """CrowS-Pairs CSV: `sent_more`, `sent_less`, `stereo_antistereo`, `bias_type` (other columns ignored)."""
     _require_file(path)
     pairs: list[CrowsPair] = []
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        needed = {"sent_more", "sent_less", "stereo_antistereo", "bias_type"}
-        missing = needed - set(reader.fieldnames or [])
-        if missing:
-            raise _fail(path, 1, f"missing column(s) {', '.join(sorted(missing))}")
-        for row in reader:
-            line = reader.line_num
-            if None in row:
-                raise _fail(path, line, "more fields than the header has")
-            values = {k: (row.get(k) or "").strip() for k in needed}
-            empty = [k for k in sorted(needed) if not values[k]]
-            if empty:
-                raise _fail(path, line, f"empty field(s) {', '.join(empty)}")
-            if values["stereo_antistereo"] not in {"stereo", "antistereo"}:
-                raise _fail(path, line, "stereo_antistereo must be 'stereo' or 'antistereo'")
-            pairs.append(
-                CrowsPair(
-                    id=(row.get("") or row.get("id") or str(len(pairs))).strip(),
-                    sent_more=row["sent_more"],
-                    sent_less=row["sent_less"],
-                    direction=values["stereo_antistereo"],
-                    bias_type=values["bias_type"],
-                )
-            )
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        for pair in _crows_pairs(reader, path):
+            pairs.append(pair)
             if limit and len(pairs) >= limit:
                 break
+    except csv.Error as exc:
+        raise data_error(path, reader.line_num, f"invalid CSV ({exc})") from None
     _nonempty(pairs, path, "CrowS-Pairs")
     return pairs
 
@@ -175,9 +176,9 @@ def _bbq_answer_roles(obj: dict[str, Any], path: Path, line: int) -> tuple[int, 
     info = obj.get("answer_info")
     meta = obj.get("additional_metadata")
     if not isinstance(info, dict) or not all(isinstance(info.get(f"ans{i}"), list) for i in range(3)):
-        raise _fail(path, line, "answer_info must map ans0..ans2 to lists of group labels")
+        raise data_error(path, line, "answer_info must map ans0..ans2 to lists of group labels")
     if not isinstance(meta, dict) or not isinstance(meta.get("stereotyped_groups"), list):
-        raise _fail(path, line, "additional_metadata.stereotyped_groups must be a list")
+        raise data_error(path, line, "additional_metadata.stereotyped_groups must be a list")
     stereotyped = {str(g).lower() for g in meta["stereotyped_groups"]}
     groups = [_groups_of(info[f"ans{i}"]) for i in range(3)]
     unknown = [i for i in range(3) if "unknown" in groups[i]]
@@ -185,7 +186,7 @@ def _bbq_answer_roles(obj: dict[str, Any], path: Path, line: int) -> tuple[int, 
         answers = [str(obj.get(f"ans{i}", "")).lower() for i in range(3)]
         unknown = [i for i in range(3) if any(w in answers[i] for w in _UNKNOWN_WORDS)]
     if len(unknown) != 1:
-        raise _fail(path, line, "exactly one answer must be the 'unknown' one (answer_info label 'unknown')")
+        raise data_error(path, line, "exactly one answer must be the 'unknown' one (answer_info label 'unknown')")
     polarity = obj.get("question_polarity")
     biased = []
     for i in range(3):
@@ -204,13 +205,13 @@ def read_bbq(path: Path, limit: int | None = None) -> list[BbqItem]:
         answers = tuple(_text(obj, f"ans{i}", path, line) for i in range(3))
         label = obj.get("label")
         if not isinstance(label, int) or label not in (0, 1, 2):
-            raise _fail(path, line, "label must be 0, 1 or 2")
+            raise data_error(path, line, "label must be 0, 1 or 2")
         condition = obj.get("context_condition")
         if condition not in {"ambig", "disambig"}:
-            raise _fail(path, line, "context_condition must be 'ambig' or 'disambig'")
+            raise data_error(path, line, "context_condition must be 'ambig' or 'disambig'")
         polarity = obj.get("question_polarity")
         if polarity not in {"neg", "nonneg"}:
-            raise _fail(path, line, "question_polarity must be 'neg' or 'nonneg'")
+            raise data_error(path, line, "question_polarity must be 'neg' or 'nonneg'")
         unknown, biased = _bbq_answer_roles(obj, path, line)
         items.append(
             BbqItem(
@@ -245,7 +246,7 @@ def read_counterfactual(path: Path, limit: int | None = None) -> list[Counterfac
         try:
             slots = _placeholders(template)
         except ValueError as exc:
-            raise _fail(path, line, f"bad template ({exc})") from None
+            raise data_error(path, line, f"bad template ({exc})") from None
         raw = obj.get("groups")
         groups: dict[str, dict[str, str]]
         if isinstance(raw, list) and all(isinstance(g, str) for g in raw):
@@ -253,13 +254,13 @@ def read_counterfactual(path: Path, limit: int | None = None) -> list[Counterfac
         elif isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values()):
             groups = {str(k): {str(a): str(b) for a, b in v.items()} for k, v in raw.items()}
         else:
-            raise _fail(path, line, "groups must be a list of strings or an object of {group: {slot: text}}")
+            raise data_error(path, line, "groups must be a list of strings or an object of {group: {slot: text}}")
         if len(groups) < 2:
-            raise _fail(path, line, "a counterfactual template needs at least two groups")
+            raise data_error(path, line, "a counterfactual template needs at least two groups")
         for name, values in groups.items():
             if slots - set(values):
                 missing = ", ".join(sorted(slots - set(values)))
-                raise _fail(path, line, f"group '{name}' fills no value for placeholder(s) {missing}")
+                raise data_error(path, line, f"group '{name}' fills no value for placeholder(s) {missing}")
         items.append(CounterfactualTemplate(str(obj.get("id", len(items))), axis, template, groups))
         if limit and len(items) >= limit:
             break
@@ -267,54 +268,48 @@ def read_counterfactual(path: Path, limit: int | None = None) -> list[Counterfac
     return items
 
 
-def _chat_item(obj: dict[str, Any], path: Path, line: int, idx: str) -> QualityItem:
-    """Any of the training data shapes except plain text, split into prompt messages and reference answer."""
-    source = path.name
-    if "messages" in obj:
-        msgs = obj["messages"]
-        ok = isinstance(msgs, list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+def _quality_item(messages: list[Message], where: str, idx: str, source: str) -> QualityItem:
+    """Chat messages split into the prompt and the assistant's last answer, the reference."""
+    if messages and messages[0]["role"] == "text":
+        raise DataError(
+            f"{where}: no reference answer: use `messages`, `instruction`/`output` or `prompt`/`completion`"
         )
-        if not ok or len(msgs) < 2:
-            raise _fail(path, line, "messages must be a list of {role, content} with at least a prompt and answer")
-        if msgs[-1]["role"] != "assistant":
-            raise _fail(path, line, "the last message must be the assistant's reference answer")
-        messages = [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
-        return QualityItem(idx, source, messages, msgs[-1]["content"])
-    if "instruction" in obj and "output" in obj:
-        prompt = _text(obj, "instruction", path, line)
-        extra = obj.get("input")
-        if isinstance(extra, str) and extra.strip():
-            prompt = f"{prompt}\n\n{extra}"
-        return QualityItem(idx, source, [{"role": "user", "content": prompt}], _text(obj, "output", path, line))
-    if "prompt" in obj and "completion" in obj:
-        prompt = _text(obj, "prompt", path, line)
-        return QualityItem(idx, source, [{"role": "user", "content": prompt}], _text(obj, "completion", path, line))
-    raise _fail(path, line, "no reference answer: use `messages`, `instruction`/`output` or `prompt`/`completion`")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's reference answer, after a prompt")
+    if is_empty(messages):
+        raise DataError(f"{where}: empty prompt or reference answer")
+    return QualityItem(idx, source, messages[:-1], messages[-1]["content"])
 
 
-def read_quality(path: Path, limit: int | None = None) -> list[QualityItem]:
-    """Quality items from JSONL, a JSON list, or CSV; at most `limit`, in file order."""
-    _require_file(path)
-    rows: list[tuple[int, dict[str, Any]]]
-    if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = [(reader.line_num, dict(r)) for r in reader]
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise _fail(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise _fail(path, None, "a JSON evaluation file must hold a list of objects")
-        rows = [(i + 1, r) for i, r in enumerate(data)]
-    else:
-        rows = _json_lines(path)
-    items = []
-    for line, obj in rows:
-        items.append(_chat_item(obj, path, line, f"{path.stem}:{line}"))
-        if limit and len(items) >= limit:
-            break
+def read_quality(
+    path: Path, limit: int | None = None, *, shape: Shape = "auto", columns: ColumnMap | None = None
+) -> list[QualityItem]:
+    """Quality items from any data file training reads, in any of its shapes; at most `limit`, in file order.
+
+    shape, columns: as the job's `data` section names them; `auto` tells the shape from each row's columns.
+    """
+    if not path.exists():
+        raise DataError(f"evaluation file not found: {path}")
+    cols = columns or ColumnMap()
+    items: list[QualityItem] = []
+    for file in data_files(path):
+        for row in iter_rows(file):
+            row_shape: RowShape | None = detect_shape(row.data, cols) if shape == "auto" else shape
+            if row_shape is None:
+                raise DataError(
+                    f"{row.where}: no reference answer: use `messages`, `instruction`/`output` or "
+                    f"`prompt`/`completion` (columns: {sorted(row.data)})"
+                )
+            missing = missing_columns(row.data, row_shape, cols)
+            if missing:
+                raise DataError(f"{row.where}: missing field(s) {missing} for shape '{row_shape}'")
+            try:
+                messages = to_messages(row.data, row_shape, cols)
+            except ValueError as exc:
+                raise DataError(f"{row.where}: {exc}") from None
+            place = row.line if row.line is not None else f"#{row.index}"
+            items.append(_quality_item(messages, row.where, f"{file.stem}:{place}", file.name))
+            if limit and len(items) >= limit:
+                return items
     _nonempty(items, path, "quality")
     return items
