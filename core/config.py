@@ -20,18 +20,57 @@ T = TypeVar("T", bound=BaseModel)
 Loc = tuple[str | int, ...]
 
 
-def _line_map(node: yaml.Node, prefix: Loc = ()) -> dict[Loc, int]:
-    """Map each key path in a composed YAML tree to its 1-based line number."""
+# A job file is a few hundred keys; YAML aliases can make a few hundred bytes expand to billions of them.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes the tree holds once every alias is expanded; memoised per node, so linear in the file."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    sizes[id(node)] = size
+    return size
+
+
+def _line_map(node: yaml.Node, prefix: Loc = (), seen: set[int] | None = None) -> dict[Loc, int]:
+    """Map each key path in a composed YAML tree to its 1-based line number.
+
+    A node reached again through an alias is not walked again: its keys keep the lines of the anchor.
+    """
+    seen = set() if seen is None else seen
     lines: dict[Loc, int] = {prefix: node.start_mark.line + 1}
+    if id(node) in seen:
+        return lines
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = (*prefix, str(key_node.value))
-            lines.update(_line_map(value_node, path))
+            lines.update(_line_map(value_node, path, seen))
             lines[path] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            lines.update(_line_map(item, (*prefix, i)))
+            lines.update(_line_map(item, (*prefix, i), seen))
     return lines
+
+
+def _unreadable_line(node: yaml.Node) -> int | None:
+    """The line of the first integer too long for Python to convert."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, yaml.ScalarNode):
+            if current.tag.endswith(":int") and len(current.value) > 4000:
+                return current.start_mark.line + 1
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend(v for pair in reversed(current.value) for v in reversed(pair))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(reversed(current.value))
+    return None
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
@@ -40,12 +79,23 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
         raise ConfigError([f"file not found: {path}"], source=str(path))
     text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
         node = yaml.compose(text)
+        if node is not None and _expanded_size(node, {}) > MAX_EXPANDED_NODES:
+            raise ConfigError(
+                [f"YAML aliases expand to more than {MAX_EXPANDED_NODES:,} values; a job file needs far fewer"],
+                source=str(path),
+            )
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise ConfigError([f"{where}invalid YAML: {getattr(exc, 'problem', exc)}"], source=str(path)) from exc
+    except RecursionError:
+        raise ConfigError(["the YAML is nested too deeply"], source=str(path)) from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        line = _unreadable_line(node) if node is not None else None
+        where = f"line {line}: " if line else ""
+        raise ConfigError([f"{where}a value cannot be read: {exc}"], source=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError(["the file must hold a mapping of sections (model:, data:, ...)"], source=str(path))
     return data, _line_map(node) if node is not None else {}
@@ -56,7 +106,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError([f"override {item!r} is not of the form key=value"])
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ConfigError([f"override {key.strip()}: the value cannot be read ({type(exc).__name__})"]) from None
     return key.strip().split("."), value
 
 
@@ -107,8 +160,9 @@ def format_problems(
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(schema, loc[:-1]), n=1, cutoff=0.6)
             if close:
                 msg += f"; did you mean '{close[0]}'?"
-        elif "input" in err and err["type"] not in {"missing"}:
-            msg += f" (got {err['input']!r})"
+        elif "input" in err and err["type"] not in {"missing"} and not (err.get("ctx") or {}).get("secret"):
+            shown = repr(err["input"])
+            msg += f" (got {shown if len(shown) <= 200 else shown[:200] + '...'})"
         if dotted in overridden:
             where = "command line"
         else:

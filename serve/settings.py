@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +23,17 @@ from core.errors import ConfigError
 
 _YAML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("serve_yaml_file", default=None)
 SHA256 = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
 
 
 class Limits(BaseModel):
@@ -82,6 +94,11 @@ class ServeSettings(BaseSettings):
         description="sha256 hex digests of accepted API keys "
         "(optionally prefixed 'sha256:'); empty: no authentication.",
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Listen on a non-loopback host with no api_keys (say so only when a proxy in front "
+        "authenticates); otherwise such settings are refused.",
+    )
     open_metrics: bool = Field(True, description="Serve /metrics without an API key.")
     log_prompts: bool = Field(False, description="Log prompts and completions (off: only sizes are logged).")
     poll_interval_s: float = Field(5.0, gt=0, description="How often the registry is polled for alias moves.")
@@ -107,8 +124,22 @@ class ServeSettings(BaseSettings):
     def _hashed(cls, keys: list[str]) -> list[str]:
         for key in keys:
             if not SHA256.match(key):
-                raise ValueError("api_keys holds sha256 hex digests, never keys: `tuneops serve-key-hash` prints one")
+                # `secret` keeps the offending value out of every error message: it may be a real key.
+                raise PydanticCustomError(
+                    "hashed_key",
+                    "api_keys holds sha256 hex digests, never keys: `tuneops serve-key-hash` prints one",
+                    {"secret": True},
+                )
         return [k.removeprefix("sha256:") for k in keys]
+
+    @model_validator(mode="after")
+    def _authenticated_off_loopback(self) -> ServeSettings:
+        if not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} is reachable from other machines but api_keys is empty: add keys "
+                "(`tuneops serve-key-hash`), listen on 127.0.0.1, or set allow_unauthenticated: true"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
