@@ -126,3 +126,82 @@ def test_unsupported_suffix(tmp_path):
 def test_builtin_organisation_data_is_available():
     res = read(Path("builtin:zaragoza-faq"))
     assert res.rows_read == 503 and res.shape == "instruction"
+
+
+def test_json_list_rows_keep_the_line_they_start_on(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in QA[:3]) + ",\n  7\n]\n")
+    res = read(path, on_malformed="skip")
+    assert [e.source.rsplit(":", 1)[1] for e in res.examples] == ["2", "3", "4"]
+    assert res.malformed == [f"{path}:5: expected a JSON object, got int"]
+
+
+def test_jsonl_line_that_is_not_utf8_is_named_or_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    bad = json.dumps({"instruction": "Caf\u00e9?", "output": "Yes."}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(json.dumps(QA[0]).encode() + b"\n" + bad + b"\n" + json.dumps(QA[1]).encode() + b"\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text"):
+        read(path)
+    res = read(path, on_malformed="skip")
+    assert len(res.examples) == 2 and res.malformed[0].startswith(f"{path}:2: not UTF-8 text")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_whole_file_that_is_not_utf8_names_the_line(tmp_path, suffix):
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".json":
+        text = "[\n" + json.dumps(QA[0]) + ',\n{"instruction": "Caf\u00e9?", "output": "Yes."}\n]\n'
+    else:
+        text = "instruction,output\nQ?,A.\nCaf\u00e9?,Yes.\n"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"d\{suffix}:3: not UTF-8 text"):
+        read(path, on_malformed="skip")
+
+
+HUGE = '{"instruction": "Q?", "output": "A.", "n": ' + "9" * 5000 + "}"
+DEEP = '{"instruction": "Q?", "output": "A.", "n": ' + "[" * 5000 + "]" * 5000 + "}"
+
+
+@pytest.mark.parametrize(("line", "why"), [(HUGE, "a number longer than 4300 digits"), (DEEP, "nested too deeply")])
+def test_huge_numbers_and_deep_nesting_are_malformed_rows(tmp_path, line, why):
+    path = jsonl(tmp_path / "d.jsonl", [QA[0], line, QA[1]])
+    with pytest.raises(DataError, match=rf"d.jsonl:2: invalid JSON \({why}"):
+        read(path)
+    res = read(path, on_malformed="skip")
+    assert len(res.examples) == 2 and res.malformed[0].startswith(f"{path}:2: invalid JSON ({why}")
+
+
+@pytest.mark.parametrize(("value", "why"), [("9" * 5000, "a number longer than"), ("[" * 5000 + "]" * 5000, "nested")])
+def test_huge_numbers_and_deep_nesting_in_a_json_file_name_the_line(tmp_path, value, why):
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + json.dumps(QA[0]) + ',\n{"instruction": "Q?", "output": ' + value + "}\n]\n")
+    with pytest.raises(DataError, match=rf"d.json:3: invalid JSON \({why}"):
+        read(path, on_malformed="skip")
+
+
+def test_messages_held_as_a_json_string_too_deep_are_malformed(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text(
+        'messages\n"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": ""Yo""}]"\n'
+    )
+    with path.open("a") as fh:
+        fh.write("[" * 5000 + "]" * 5000 + "\n")
+    res = read(path, on_malformed="skip")
+    assert len(res.examples) == 1 and res.malformed == [
+        f"{path}:3: 'messages': invalid JSON (nested too deeply to read)"
+    ]
+
+
+def test_sharegpt_and_mapped_columns_read_the_same_through_core(tmp_path):
+    from core.datafiles import detect_shape, iter_rows, to_messages
+    from core.schema.data import ColumnMap
+
+    path = jsonl(tmp_path / "d.jsonl", [{"q": "Hi?", "a": "Hello."}])
+    cols = ColumnMap(prompt="q", completion="a")
+    (row,) = iter_rows(path)
+    shape = detect_shape(row.data, cols)
+    assert shape == "prompt_completion" and row.where == f"{path}:1"
+    assert (
+        to_messages(row.data, shape, cols)
+        == read(path, columns={"prompt": "q", "completion": "a"}).examples[0].messages
+    )

@@ -157,3 +157,82 @@ def test_empty_suite_is_a_clear_error(tmp_path: Path, reader, name, content):
 def test_missing_file(tmp_path: Path):
     with pytest.raises(DataError, match="evaluation file not found"):
         readers.read_bbq(tmp_path / "nope.jsonl")
+
+
+def test_sharegpt_file_is_an_evaluation_file(tmp_path: Path):
+    path = tmp_path / "chat.jsonl"
+    row = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Opening hours?"},
+            {"from": "gpt", "value": "Nine to five."},
+        ]
+    }
+    path.write_text(json.dumps(row) + "\n")
+    (item,) = readers.read_quality(path)
+    assert item.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Opening hours?"},
+    ]
+    assert item.reference == "Nine to five." and item.id == "chat:1" and item.source == "chat.jsonl"
+
+
+def test_column_mapped_csv_is_an_evaluation_file(tmp_path: Path):
+    from core.schema.data import ColumnMap
+
+    path = tmp_path / "mapped.csv"
+    path.write_text("question,answer\nWhat?,That.\nWhy?,Because.\n")
+    with pytest.raises(DataError, match=r"mapped.csv:2: no reference answer"):
+        readers.read_quality(path)
+    items = readers.read_quality(path, columns=ColumnMap(prompt="question", completion="answer"))
+    assert [(i.messages[-1]["content"], i.reference, i.id) for i in items] == [
+        ("What?", "That.", "mapped:2"),
+        ("Why?", "Because.", "mapped:3"),
+    ]
+
+
+def test_quality_reads_parquet_and_json_lists_with_their_lines(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert [i.id for i in readers.read_quality(tmp_path / "d.parquet")] == ["d:#0", "d:#1"]
+    (tmp_path / "d.json").write_text("[\n" + ",\n\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    assert [i.id for i in readers.read_quality(tmp_path / "d.json")] == ["d:2", "d:4"]
+
+
+def test_quality_file_that_is_not_utf8_names_line(tmp_path: Path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "q", "completion": "a"}).encode()
+    path.write_bytes(
+        good
+        + b"\n"
+        + json.dumps({"prompt": "caf\u00e9", "completion": "a"}, ensure_ascii=False).encode("latin-1")
+        + b"\n"
+    )
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        readers.read_quality(path)
+
+
+def test_crows_csv_that_is_not_utf8_names_line(tmp_path: Path):
+    path = tmp_path / "crows.csv"
+    header = "sent_more,sent_less,stereo_antistereo,bias_type\n"
+    path.write_bytes((header + "a,b,stereo,age\n").encode() + "caf\u00e9,b,stereo,age\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"crows.csv:3: not UTF-8 text"):
+        readers.read_crows(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ('{"label": ' + "7" * 5000 + "}", "a number longer than"),
+        ('{"context": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    ],
+)
+def test_bbq_huge_number_or_deep_nesting_names_line(tmp_path: Path, line: str, why: str):
+    good = readers.DEFAULT_BBQ.read_text().splitlines()[0]
+    path = tmp_path / "bbq.jsonl"
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(DataError, match=rf"bbq.jsonl:2: invalid JSON \({why}"):
+        readers.read_bbq(path)
