@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from core.device import DevicePref, DtypePref
 from core.errors import DataError
 from core.registry import PRODUCTION, VersionRef, connect, current_alias, resolve_version
+from core.schema.data import ColumnMap
 from core.schema.evaluation import EvaluationConfig
 from evaluate import model_card, readers, tracking, verdict
 from evaluate.bbq import run_bbq
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VALIDATION_ARTIFACT = "data/validation.jsonl"
+CONFIG_ARTIFACT = "config/resolved.yaml"
 
 
 @dataclass
@@ -66,6 +68,27 @@ def _validation_split(ref: VersionRef, dest: Path) -> Path | None:
     return path if path.read_text(encoding="utf-8").strip() else None  # the job had no validation split
 
 
+def _training_columns(ref: VersionRef, dest: Path) -> ColumnMap | None:
+    """The training job's `data.columns`, so extra files may name their columns the way its data did."""
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+    from pydantic import ValidationError
+
+    if not ref.run_id:
+        return None
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=CONFIG_ARTIFACT, dst_path=str(dest))
+        resolved = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (MlflowException, OSError, yaml.YAMLError):
+        return None
+    data = resolved.get("data") if isinstance(resolved, dict) else None
+    try:
+        return ColumnMap.model_validate(data["columns"]) if isinstance(data, dict) and data.get("columns") else None
+    except ValidationError:
+        return None
+
+
 def read_inputs(cfg: EvaluationConfig, ref: VersionRef, workdir: Path) -> Inputs:
     """Read every suite the config asks for; malformed or empty files fail here, naming file and line."""
     quality: list[readers.QualityItem] = []
@@ -79,8 +102,9 @@ def read_inputs(cfg: EvaluationConfig, ref: VersionRef, workdir: Path) -> Inputs
                 "evaluation.extra_files is empty, so there is nothing to measure quality on (name a file, or drop "
                 "'quality' from suites)"
             )
+        columns = _training_columns(ref, workdir / "config") if cfg.extra_files else None
         for path in files:
-            items = readers.read_quality(path, cfg.max_examples)
+            items = readers.read_quality(path, cfg.max_examples, columns=None if path == split else columns)
             quality += items
             label = f"training run {ref.run_id} {VALIDATION_ARTIFACT}" if path == split else str(path)
             sources[f"quality: {path.name}"] = f"{label} ({len(items)} items)"
