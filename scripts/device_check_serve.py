@@ -151,7 +151,7 @@ def engine_only(folder: Path | None, max_tokens: int) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from serve.engine import Delta, Engine, Failed, Finished, Job, SamplingParams
+    from serve.engine import Engine, Failed, Finished, Job, SamplingParams, TextDelta
     from serve.metrics import Metrics
 
     if folder is None:
@@ -184,7 +184,7 @@ def engine_only(folder: Path | None, max_tokens: int) -> int:
 
             def sink(event: object, i: int = i) -> None:
                 nonlocal failures
-                if isinstance(event, Delta | Finished):
+                if isinstance(event, TextDelta | Finished):
                     out[i] = out.get(i, "") + event.text
                 if isinstance(event, Failed):
                     failures += 1

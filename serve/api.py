@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -13,7 +13,7 @@ from serve import protocol as p
 from serve.errors import ModelNotFound, NotReady
 from serve.gateway import Gateway, gateway_of
 from serve.middleware import request_id
-from serve.serving import parse
+from serve.serving import OpenAIServing, parse
 
 router = APIRouter()
 
@@ -36,27 +36,26 @@ def serving(request: Request) -> Gateway:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _complete(request: Request, gateway: Gateway, chat: bool) -> Response:
-    s = gateway.serving
-    req = parse(p.ChatCompletionRequest if chat else p.CompletionRequest, await request.body())
-    prep = await (s.prepare_chat(req) if chat else s.prepare_completion(req))
+async def _answer(request: Request, serving: OpenAIServing[Any]) -> Response:
+    req = parse(serving.request_type, await request.body())
+    prep = await serving.prepare(req)
     rid = request_id.get()
     if prep.stream:
         return StreamingResponse(
-            s.stream(prep, rid, chat, req.model), media_type="text/event-stream", headers=SSE_HEADERS
+            serving.stream(prep, rid, req.model), media_type="text/event-stream", headers=SSE_HEADERS
         )
-    body = await s.complete(prep, rid, chat, req.model, request.is_disconnected)
+    body = await serving.complete(prep, rid, req.model, request.is_disconnected)
     return JSONResponse(body.model_dump())
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, gateway: Annotated[Gateway, Depends(serving)]) -> Response:
-    return await _complete(request, gateway, chat=True)
+    return await _answer(request, gateway.chat)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, gateway: Annotated[Gateway, Depends(serving)]) -> Response:
-    return await _complete(request, gateway, chat=False)
+    return await _answer(request, gateway.completion)
 
 
 @router.get("/v1/models")

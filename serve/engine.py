@@ -44,7 +44,9 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class Delta:
+class TextDelta:
+    """New text of choice `index` (the engine's event; the OpenAI chunk's `delta` is `protocol.Delta`)."""
+
     index: int
     text: str
 
@@ -62,7 +64,7 @@ class Failed:
     error: APIError
 
 
-Event = Delta | Finished | Failed
+Event = TextDelta | Finished | Failed
 
 
 @dataclass(eq=False)
@@ -372,7 +374,7 @@ class Engine:
             else:
                 text, stopped = row.detok.add(token)
                 if text:
-                    job.sink(Delta(row.index, text))
+                    job.sink(TextDelta(row.index, text))
                 if stopped:
                     reason = "stop"
                 elif row.count >= job.params.max_tokens:

@@ -14,7 +14,7 @@ from typing import Any
 from serve.auth import KeyCheck
 from serve.engine import Engine
 from serve.metrics import Metrics
-from serve.serving import OpenAIServing
+from serve.serving import OpenAIServingChat, OpenAIServingCompletion
 from serve.settings import ServeSettings
 from serve.versions import VersionDirectory
 
@@ -35,7 +35,8 @@ class Gateway:
             metrics=self.metrics,
         )
         self.directory = VersionDirectory(settings, self.engine, self.metrics, workdir)
-        self.serving = OpenAIServing(self.engine, self.directory, limits, settings.log_prompts)
+        self.chat = OpenAIServingChat(self.engine, self.directory, limits, settings.log_prompts)
+        self.completion = OpenAIServingCompletion(self.engine, self.directory, limits, settings.log_prompts)
         self.keys = KeyCheck(settings.api_keys)
         self.draining = False
         self.startup_done = False

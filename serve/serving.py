@@ -11,13 +11,14 @@ import asyncio
 import json
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 from core.chat import prompt_ids
 from serve import protocol as p
-from serve.engine import Delta, Engine, Event, Failed, Finished, Job, SamplingParams
+from serve.engine import Engine, Event, Failed, Finished, Job, SamplingParams, TextDelta
 from serve.errors import APIError, ContextLengthExceeded, InvalidRequest, Unsupported, sse_event
 from serve.settings import Limits
 from serve.versions import Served, VersionDirectory
@@ -49,11 +50,23 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 
 
 @dataclass
-class Prepared:
+class PreparedRequest:
+    """A validated request, tokenized and resolved to a loaded version: what the engine needs to run it."""
+
     served: Served
     prompts: list[list[int]]
     params: SamplingParams
     stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True)
+class StreamHead:
+    """What every chunk of one stream repeats."""
+
+    id: str
+    created: int
+    model: str
     include_usage: bool
 
 
@@ -152,79 +165,52 @@ def chat_messages(req: p.ChatCompletionRequest) -> list[dict[str, str]]:
     return out
 
 
-class OpenAIServing:
+R = TypeVar("R", bound=p.SamplingFields)
+
+
+class OpenAIServing(ABC, Generic[R]):
+    """One OpenAI endpoint on the engine: admission, generation and the answer, whole or streamed.
+
+    The shared flow lives here; `OpenAIServingChat` and `OpenAIServingCompletion` say how their request is
+    prepared and how their bodies and chunks look.
+    """
+
+    request_type: ClassVar[type[p.SamplingFields]]
+    id_prefix: ClassVar[str]
+
     def __init__(self, engine: Engine, directory: VersionDirectory, limits: Limits, log_prompts: bool) -> None:
         self.engine = engine
         self.directory = directory
         self.limits = limits
         self.log_prompts = log_prompts
 
+    @abstractmethod
+    async def prepare(self, req: R) -> PreparedRequest:
+        """Validate, resolve the model and tokenize; every refusal happens here, before any work."""
+
+    @abstractmethod
+    def response(
+        self, name: str, texts: dict[int, str], reasons: dict[int, str], usage: p.Usage
+    ) -> p.ChatCompletion | p.Completion:
+        """The non-streamed body: one choice per finished index."""
+
+    def opening(self, head: StreamHead, index: int) -> dict[str, Any] | None:
+        """The chunk sent before choice `index`'s first text, if the protocol has one."""
+        return None
+
+    @abstractmethod
+    def chunk(self, head: StreamHead, index: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        """One streamed chunk: new text of choice `index`, or its finish reason."""
+
+    @abstractmethod
+    def usage_chunk(self, head: StreamHead, usage: p.Usage) -> p.ChatCompletionChunk | p.Completion:
+        """The last chunk when `stream_options.include_usage` is set: no choices, the usage."""
+
     async def served(self, model: str) -> Served:
         found = self.directory.lookup(model)
         return found if found is not None else await asyncio.to_thread(self.directory.resolve, model)
 
-    async def prepare_chat(self, req: p.ChatCompletionRequest) -> Prepared:
-        refuse_unsupported(req)
-        messages = chat_messages(req)
-        if req.max_tokens is not None and req.max_completion_tokens is not None:
-            raise InvalidRequest(
-                "Set 'max_tokens' or 'max_completion_tokens', not both.", param="max_completion_tokens"
-            )
-        served = await self.served(req.model)
-        m = served.manifest
-        try:
-            ids = prompt_ids(self.directory.tokenizer, messages, m.chat_template, m.system_prompt)
-        except Exception as exc:  # a template that rejects the conversation (e.g. roles out of order)
-            raise InvalidRequest(
-                f"The messages cannot be rendered with the model's chat template: {exc}", param="messages"
-            ) from None
-        params = sampling(
-            req,
-            self.limits,
-            len(ids),
-            self.directory.max_model_len,
-            req.max_completion_tokens or req.max_tokens,
-        )
-        if self.log_prompts:
-            log.info("prompt: %s", json.dumps(messages))
-        return Prepared(
-            served,
-            [ids],
-            params,
-            bool(req.stream),
-            bool(req.stream_options and req.stream_options.include_usage),
-        )
-
-    async def prepare_completion(self, req: p.CompletionRequest) -> Prepared:
-        refuse_unsupported(req)
-        prompts: list[Any] = (
-            [req.prompt]
-            if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
-            else list(req.prompt)
-        )
-        if not prompts:
-            raise InvalidRequest("'prompt' is empty.", param="prompt")
-        if len(prompts) > self.limits.max_prompts:
-            raise InvalidRequest(f"'prompt' may hold at most {self.limits.max_prompts} prompts.", param="prompt")
-        served = await self.served(req.model)
-        tok = self.directory.tokenizer
-        ids = [list(x) if isinstance(x, list) else list(tok(x, add_special_tokens=True)["input_ids"]) for x in prompts]
-        if any(not x for x in ids):
-            raise InvalidRequest("'prompt' must not be empty.", param="prompt")
-        if any(t < 0 or t >= len(tok) for x in ids for t in x):
-            raise InvalidRequest("'prompt' holds a token id outside the vocabulary.", param="prompt")
-        params = sampling(req, self.limits, max(map(len, ids)), self.directory.max_model_len, req.max_tokens)
-        if self.log_prompts:
-            log.info("prompt: %s", json.dumps(prompts))
-        return Prepared(
-            served,
-            ids,
-            params,
-            bool(req.stream),
-            bool(req.stream_options and req.stream_options.include_usage),
-        )
-
-    def submit(self, prep: Prepared, request_id: str) -> tuple[asyncio.Queue[Event], list[Job]]:
+    def submit(self, prep: PreparedRequest, request_id: str) -> tuple[asyncio.Queue[Event], list[Job]]:
         """Queue one job per prompt; their events arrive on one asyncio queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -255,7 +241,7 @@ class OpenAIServing:
 
     async def events(
         self, queue: asyncio.Queue[Event], jobs: list[Job], disconnected: Callable[[], Any] | None = None
-    ) -> AsyncIterator[Delta | Finished]:
+    ) -> AsyncIterator[TextDelta | Finished]:
         """Engine events until every choice finished; cancels the jobs if the consumer stops early."""
         remaining = sum(j.params.n for j in jobs)
         checked = time.monotonic()
@@ -282,7 +268,7 @@ class OpenAIServing:
                 job.cancelled = True
 
     async def complete(
-        self, prep: Prepared, request_id: str, chat: bool, name: str, disconnected: Callable[[], Any]
+        self, prep: PreparedRequest, request_id: str, name: str, disconnected: Callable[[], Any]
     ) -> p.ChatCompletion | p.Completion:
         queue, jobs = self.submit(prep, request_id)
         texts: dict[int, str] = {}
@@ -293,99 +279,165 @@ class OpenAIServing:
             if isinstance(event, Finished):
                 reasons[event.index] = event.reason
                 tokens += event.completion_tokens
-        usage = self.usage(prep, tokens)
-        indices = sorted(reasons)
-        if chat:
-            return p.ChatCompletion(
-                model=name,
-                usage=usage,
-                choices=[
-                    p.ChatChoice(
-                        index=i,
-                        message=p.AssistantMessage(content=texts.get(i, "")),
-                        finish_reason=reasons[i],
-                    )
-                    for i in indices
-                ],
-            )
-        return p.Completion(
-            model=name,
-            usage=usage,
-            choices=[p.CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=reasons[i]) for i in indices],
-        )
+        return self.response(name, texts, reasons, self.usage(prep, tokens))
 
     @staticmethod
-    def usage(prep: Prepared, completion_tokens: int) -> p.Usage:
+    def usage(prep: PreparedRequest, completion_tokens: int) -> p.Usage:
         prompt = sum(len(x) for x in prep.prompts)
         return p.Usage(
             prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
         )
 
-    def stream(self, prep: Prepared, request_id: str, chat: bool, name: str) -> AsyncIterator[str]:
+    def stream(self, prep: PreparedRequest, request_id: str, name: str) -> AsyncIterator[str]:
         """SSE lines; admission errors are raised here, before the response starts."""
         queue, jobs = self.submit(prep, request_id)
-        return self._stream(prep, queue, jobs, chat, name)
+        head = StreamHead(p._id(self.id_prefix), int(time.time()), name, prep.include_usage)
+        return self._stream(prep, head, queue, jobs)
 
     async def _stream(
-        self, prep: Prepared, queue: asyncio.Queue[Event], jobs: list[Job], chat: bool, name: str
+        self, prep: PreparedRequest, head: StreamHead, queue: asyncio.Queue[Event], jobs: list[Job]
     ) -> AsyncIterator[str]:
-        created = int(time.time())
-        cid = p._id("chatcmpl" if chat else "cmpl")
-        usage_field = {"usage": None} if prep.include_usage else {}
-        started: set[int] = set()
-        tokens = 0
-
-        def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
-            if chat:
-                delta = p.Delta(role="assistant", content="") if first else p.Delta(content=text)
-                body: Any = p.ChatCompletionChunk(
-                    id=cid,
-                    created=created,
-                    model=name,
-                    choices=[
-                        p.ChatChunkChoice(
-                            index=index,
-                            delta=delta if text is not None or first else p.Delta(),
-                            finish_reason=reason,
-                        )
-                    ],
-                )
-            else:
-                body = p.Completion(
-                    id=cid,
-                    created=created,
-                    model=name,
-                    choices=[p.CompletionChoice(index=index, text=text or "", finish_reason=reason)],
-                )
-            data = body.model_dump(exclude_none=False) | usage_field
-            if not chat and not prep.include_usage:
-                data.pop("usage", None)
+        def sse(data: dict[str, Any]) -> str:
             return f"data: {json.dumps(data)}\n\n"
 
+        started: set[int] = set()
+        tokens = 0
         try:
             async for event in self.events(queue, jobs):
-                if chat and event.index not in started:
+                if event.index not in started:
                     started.add(event.index)
-                    yield chunk(event.index, None, None, first=True)
-                if isinstance(event, Delta):
-                    yield chunk(event.index, event.text, None)
+                    opening = self.opening(head, event.index)
+                    if opening is not None:
+                        yield sse(opening)
+                if isinstance(event, TextDelta):
+                    yield sse(self.chunk(head, event.index, event.text, None))
                 elif isinstance(event, Finished):
                     tokens += event.completion_tokens
                     if event.text:
-                        yield chunk(event.index, event.text, None)
-                    yield chunk(event.index, None, event.reason)
+                        yield sse(self.chunk(head, event.index, event.text, None))
+                    yield sse(self.chunk(head, event.index, None, event.reason))
             if prep.include_usage:
-                body = (
-                    p.ChatCompletionChunk(
-                        id=cid, created=created, model=name, choices=[], usage=self.usage(prep, tokens)
-                    )
-                    if chat
-                    else p.Completion(id=cid, created=created, model=name, choices=[], usage=self.usage(prep, tokens))
-                )
-                yield f"data: {body.model_dump_json()}\n\n"
+                yield f"data: {self.usage_chunk(head, self.usage(prep, tokens)).model_dump_json()}\n\n"
         except APIError as exc:
             yield sse_event(exc)
         except Exception as exc:  # never a stack trace on the wire
             log.exception("stream failed")
             yield sse_event(APIError(f"The server had an error while streaming: {type(exc).__name__}"))
         yield "data: [DONE]\n\n"
+
+
+class OpenAIServingChat(OpenAIServing[p.ChatCompletionRequest]):
+    """`/v1/chat/completions`: messages through the model's chat template; chunks carry a `delta`."""
+
+    request_type = p.ChatCompletionRequest
+    id_prefix = "chatcmpl"
+
+    async def prepare(self, req: p.ChatCompletionRequest) -> PreparedRequest:
+        refuse_unsupported(req)
+        messages = chat_messages(req)
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise InvalidRequest(
+                "Set 'max_tokens' or 'max_completion_tokens', not both.", param="max_completion_tokens"
+            )
+        served = await self.served(req.model)
+        m = served.manifest
+        try:
+            ids = prompt_ids(self.directory.tokenizer, messages, m.chat_template, m.system_prompt)
+        except Exception as exc:  # a template that rejects the conversation (e.g. roles out of order)
+            raise InvalidRequest(
+                f"The messages cannot be rendered with the model's chat template: {exc}", param="messages"
+            ) from None
+        params = sampling(
+            req,
+            self.limits,
+            len(ids),
+            self.directory.max_model_len,
+            req.max_completion_tokens or req.max_tokens,
+        )
+        if self.log_prompts:
+            log.info("prompt: %s", json.dumps(messages))
+        return PreparedRequest(
+            served,
+            [ids],
+            params,
+            bool(req.stream),
+            bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+    def response(self, name: str, texts: dict[int, str], reasons: dict[int, str], usage: p.Usage) -> p.ChatCompletion:
+        return p.ChatCompletion(
+            model=name,
+            usage=usage,
+            choices=[
+                p.ChatChoice(index=i, message=p.AssistantMessage(content=texts.get(i, "")), finish_reason=reasons[i])
+                for i in sorted(reasons)
+            ],
+        )
+
+    def _chunk(self, head: StreamHead, index: int, delta: p.Delta, reason: str | None) -> dict[str, Any]:
+        choice = p.ChatChunkChoice(index=index, delta=delta, finish_reason=reason)
+        return p.ChatCompletionChunk(id=head.id, created=head.created, model=head.model, choices=[choice]).model_dump()
+
+    def opening(self, head: StreamHead, index: int) -> dict[str, Any]:
+        return self._chunk(head, index, p.Delta(role="assistant", content=""), None)
+
+    def chunk(self, head: StreamHead, index: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        return self._chunk(head, index, p.Delta() if text is None else p.Delta(content=text), reason)
+
+    def usage_chunk(self, head: StreamHead, usage: p.Usage) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(id=head.id, created=head.created, model=head.model, choices=[], usage=usage)
+
+
+class OpenAIServingCompletion(OpenAIServing[p.CompletionRequest]):
+    """`/v1/completions`: one or more raw prompts (text or token ids); chunks are partial `Completion`s."""
+
+    request_type = p.CompletionRequest
+    id_prefix = "cmpl"
+
+    async def prepare(self, req: p.CompletionRequest) -> PreparedRequest:
+        refuse_unsupported(req)
+        prompts: list[Any] = (
+            [req.prompt]
+            if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
+            else list(req.prompt)
+        )
+        if not prompts:
+            raise InvalidRequest("'prompt' is empty.", param="prompt")
+        if len(prompts) > self.limits.max_prompts:
+            raise InvalidRequest(f"'prompt' may hold at most {self.limits.max_prompts} prompts.", param="prompt")
+        served = await self.served(req.model)
+        tok = self.directory.tokenizer
+        ids = [list(x) if isinstance(x, list) else list(tok(x, add_special_tokens=True)["input_ids"]) for x in prompts]
+        if any(not x for x in ids):
+            raise InvalidRequest("'prompt' must not be empty.", param="prompt")
+        if any(t < 0 or t >= len(tok) for x in ids for t in x):
+            raise InvalidRequest("'prompt' holds a token id outside the vocabulary.", param="prompt")
+        params = sampling(req, self.limits, max(map(len, ids)), self.directory.max_model_len, req.max_tokens)
+        if self.log_prompts:
+            log.info("prompt: %s", json.dumps(prompts))
+        return PreparedRequest(
+            served,
+            ids,
+            params,
+            bool(req.stream),
+            bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+    def response(self, name: str, texts: dict[int, str], reasons: dict[int, str], usage: p.Usage) -> p.Completion:
+        return p.Completion(
+            model=name,
+            usage=usage,
+            choices=[
+                p.CompletionChoice(index=i, text=texts.get(i, ""), finish_reason=reasons[i]) for i in sorted(reasons)
+            ],
+        )
+
+    def chunk(self, head: StreamHead, index: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        choice = p.CompletionChoice(index=index, text=text or "", finish_reason=reason)
+        data = p.Completion(id=head.id, created=head.created, model=head.model, choices=[choice]).model_dump()
+        if not head.include_usage:  # `usage: null` on every chunk only when the client asked for usage
+            data.pop("usage", None)
+        return data
+
+    def usage_chunk(self, head: StreamHead, usage: p.Usage) -> p.Completion:
+        return p.Completion(id=head.id, created=head.created, model=head.model, choices=[], usage=usage)
