@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.chat import render, with_system
+from jinja2 import TemplateError
+
+from core.chat import Message, render, with_system
 from core.errors import DataError
 from core.models import cache_dir
 from core.schema.data import DataConfig
@@ -35,7 +37,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     source: str
-    messages: list[dict[str, str]]
+    messages: list[Message]
 
 
 @dataclass
@@ -180,7 +182,15 @@ def _clean(
             report.dropped_rows["duplicate"].append(ex.source)
             continue
         seen.add(fingerprint)
-        tok = tokenize_example(tokenizer, ex, cfg.system_prompt, cfg.train_on_prompt)
+        try:
+            tok = tokenize_example(tokenizer, ex, cfg.system_prompt, cfg.train_on_prompt)
+        except TemplateError as exc:
+            problem = f"{ex.source}: the chat template rejects this example ({exc})"
+            if cfg.on_malformed == "error":
+                raise DataError(f"{problem} (set data.on_malformed=skip to drop such rows)") from None
+            report.dropped["malformed"] += 1
+            report.dropped_rows["malformed"].append(problem)
+            continue
         if len(tok.input_ids) > cfg.max_length:
             if cfg.overlong == "drop":
                 report.dropped["too_long"] += 1
@@ -207,10 +217,16 @@ def _prepare(
         train=0,
         validation=0,
         dropped={"malformed": len(read.malformed), "empty": len(read.empty), "duplicate": 0, "too_long": 0},
-        dropped_rows={"malformed": read.malformed, "empty": read.empty, "duplicate": [], "too_long": []},
+        dropped_rows={"malformed": list(read.malformed), "empty": read.empty, "duplicate": [], "too_long": []},
         digest=read.digest,
     )
     kept = _clean(cfg, tokenizer, read.examples, report)
+    rejected = report.dropped_rows["malformed"][len(read.malformed) :]
+    if not kept and rejected:
+        raise DataError(
+            f"the chat template rejects {len(rejected)} of the {len(read.examples)} examples and none is left; "
+            f"the first: {rejected[0]}"
+        )
     if not kept:
         raise DataError(
             f"all {len(read.examples)} examples are longer than data.max_length={cfg.max_length} tokens "

@@ -50,9 +50,10 @@ def main() -> int:
     import mlflow
     from peft import LoraConfig, get_peft_model
 
+    from core.aliases import move_alias
     from core.models import load_causal_lm, load_tokenizer, resolve_base_model
     from core.pyfunc import publish_version, write_bundle
-    from core.registry import PRODUCTION, Manifest, connect, move_alias
+    from core.registry import PRODUCTION, Manifest, connect
     from serve.server import configure_logging, make_server
     from serve.settings import ServeSettings
 

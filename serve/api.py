@@ -12,7 +12,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serve import protocol as p
 from serve.errors import ModelNotFound, NotReady
 from serve.gateway import Gateway, gateway_of
-from serve.middleware import request_id
 from serve.serving import OpenAIServing, parse
 
 router = APIRouter()
@@ -39,12 +38,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def _answer(request: Request, serving: OpenAIServing[Any]) -> Response:
     req = parse(serving.request_type, await request.body())
     prep = await serving.prepare(req)
-    rid = request_id.get()
     if prep.stream:
-        return StreamingResponse(
-            serving.stream(prep, rid, req.model), media_type="text/event-stream", headers=SSE_HEADERS
-        )
-    body = await serving.complete(prep, rid, req.model, request.is_disconnected)
+        return StreamingResponse(serving.stream(prep, req.model), media_type="text/event-stream", headers=SSE_HEADERS)
+    body = await serving.complete(prep, req.model, request.is_disconnected)
     return JSONResponse(body.model_dump())
 
 

@@ -16,10 +16,6 @@ class KeyCheck:
     def __init__(self, digests: list[str]) -> None:
         self._digests = [bytes.fromhex(d) for d in digests]
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
-
     def __call__(self, authorization: str | None) -> None:
         """Raise InvalidAPIKey unless `authorization` is `Bearer <a configured key>`."""
         if not self._digests:

@@ -71,7 +71,6 @@ Event = TextDelta | Finished | Failed
 class Job:
     """One prompt with `n` choices on one loaded adapter; events go to `sink` from the engine thread."""
 
-    request_id: str
     adapter: str
     prompt_ids: list[int]
     params: SamplingParams

@@ -22,11 +22,6 @@ class StreamOptions(Strict):
     include_obfuscation: bool | None = None
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # e.g. `name`, `tool_calls`: checked in serving.py
 

@@ -210,7 +210,7 @@ class OpenAIServing(ABC, Generic[R]):
         found = self.directory.lookup(model)
         return found if found is not None else await asyncio.to_thread(self.directory.resolve, model)
 
-    def submit(self, prep: PreparedRequest, request_id: str) -> tuple[asyncio.Queue[Event], list[Job]]:
+    def submit(self, prep: PreparedRequest) -> tuple[asyncio.Queue[Event], list[Job]]:
         """Queue one job per prompt; their events arrive on one asyncio queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -222,7 +222,6 @@ class OpenAIServing(ABC, Generic[R]):
         try:
             for i, ids in enumerate(prep.prompts):
                 job = Job(
-                    request_id,
                     prep.served.adapter,
                     ids,
                     prep.params,
@@ -268,9 +267,9 @@ class OpenAIServing(ABC, Generic[R]):
                 job.cancelled = True
 
     async def complete(
-        self, prep: PreparedRequest, request_id: str, name: str, disconnected: Callable[[], Any]
+        self, prep: PreparedRequest, name: str, disconnected: Callable[[], Any]
     ) -> p.ChatCompletion | p.Completion:
-        queue, jobs = self.submit(prep, request_id)
+        queue, jobs = self.submit(prep)
         texts: dict[int, str] = {}
         reasons: dict[int, str] = {}
         tokens = 0
@@ -288,9 +287,9 @@ class OpenAIServing(ABC, Generic[R]):
             prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
         )
 
-    def stream(self, prep: PreparedRequest, request_id: str, name: str) -> AsyncIterator[str]:
+    def stream(self, prep: PreparedRequest, name: str) -> AsyncIterator[str]:
         """SSE lines; admission errors are raised here, before the response starts."""
-        queue, jobs = self.submit(prep, request_id)
+        queue, jobs = self.submit(prep)
         head = StreamHead(p._id(self.id_prefix), int(time.time()), name, prep.include_usage)
         return self._stream(prep, head, queue, jobs)
 

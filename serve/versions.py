@@ -304,7 +304,6 @@ class VersionDirectory:
                 done.set()
 
         job = Job(
-            "warmup",
             served.adapter,
             ids,
             SamplingParams(max_tokens=2, temperature=0.0),

@@ -130,3 +130,49 @@ def test_cache_sees_changes_inside_a_saved_dataset_folder(tmp_path, tokenizer):
     second = prepare(DataConfig(path=folder, validation_split=0), tokenizer)
     assert second.report.cache_key != first.report.cache_key
     assert [t.messages for t in second.train] != [t.messages for t in first.train]
+
+
+STRICT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TWO_USERS = {
+    "messages": [
+        {"role": "user", "content": "A?"},
+        {"role": "user", "content": "B?"},
+        {"role": "assistant", "content": "Both."},
+    ]
+}
+
+
+CHATS = [
+    {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+    for r in ROWS
+]
+
+
+@pytest.fixture
+def strict_tokenizer(smollm2):
+    tok = load_tokenizer(smollm2)
+    tok.chat_template = STRICT_TEMPLATE
+    return tok
+
+
+def test_a_row_the_chat_template_rejects_names_its_line(tmp_path, strict_tokenizer):
+    path = data(tmp_path, [*CHATS[:3], TWO_USERS, CHATS[3]])
+    with pytest.raises(DataError, match=r"d\.jsonl:4: the chat template rejects this example \(Conversation roles"):
+        prepare(DataConfig(path=path, validation_split=0), strict_tokenizer)
+
+
+def test_rows_the_chat_template_rejects_can_be_skipped_and_reported(tmp_path, strict_tokenizer):
+    path = data(tmp_path, [*CHATS[:3], TWO_USERS, CHATS[3]])
+    p = prepare(DataConfig(path=path, validation_split=0, on_malformed="skip"), strict_tokenizer)
+    assert p.report.kept == 4 and p.report.dropped["malformed"] == 1
+    assert p.report.dropped_rows["malformed"][0].startswith(f"{path}:4: the chat template rejects this example")
+    with pytest.raises(DataError, match=r"the chat template rejects 1 of the 1 examples and none is left"):
+        prepare(DataConfig(path=data(tmp_path, [TWO_USERS], "only.jsonl"), on_malformed="skip"), strict_tokenizer)
