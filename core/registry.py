@@ -2,23 +2,22 @@
 
 A fine-tune run logs an adapter plus a manifest (base model name and digest, chat template, EOS, library
 versions) as a pyfunc model and registers it. Versions are addressed as `NAME` (its `production` alias),
-`NAME@ALIAS`, `NAME/VERSION` or a run id. Aliases move only through `move_alias`, which records who, when,
-why and which evaluation allowed it, so history and rollback can be read back from the registry alone.
+`NAME@ALIAS`, `NAME/VERSION` or a run id. Aliases move only through `core.aliases`, which records every move.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from core.errors import RegistryError
 
@@ -31,7 +30,6 @@ CANDIDATE = "candidate"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MANIFEST_FILE = "manifest.json"
 ADAPTER_DIR = "adapter"
-HISTORY_TAG = "tuneops.alias_history."
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")
 
@@ -165,32 +163,19 @@ def download_version(client: MlflowClient, ref: VersionRef, dest: Path | None = 
     raise RegistryError(f"{ref.label} has no {MANIFEST_FILE}: not a tuneops model version")
 
 
-@dataclass
-class AliasMove:
-    alias: str
-    version: str | None
-    previous: str | None
-    actor: str
-    reason: str
-    evaluation_run: str | None
-    forced: bool
-    at: float
-
-    def when(self) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.at))
-
-
 def actor() -> str:
-    return os.environ.get("TUNEOPS_ACTOR") or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
-
-
-def alias_history(client: MlflowClient, name: str) -> list[AliasMove]:
-    tags = client.get_registered_model(name).tags
-    moves = [AliasMove(**json.loads(v)) for k, v in tags.items() if k.startswith(HISTORY_TAG)]
-    return sorted(moves, key=lambda m: m.at)
+    """Who runs a job or moves an alias: TUNEOPS_ACTOR, else the login name (the password database as root)."""
+    configured = os.environ.get("TUNEOPS_ACTOR")
+    if configured:
+        return configured
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # a uid with no password entry, as in some containers
+        return f"uid {os.getuid()}"
 
 
 def current_alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -199,34 +184,5 @@ def current_alias(client: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
-def move_alias(
-    client: MlflowClient,
-    name: str,
-    alias: str,
-    version: str | None,
-    reason: str,
-    evaluation_run: str | None = None,
-    forced: bool = False,
-) -> AliasMove:
-    """Point an alias at a version (None removes it) and record the move on the registered model."""
-    previous = current_alias(client, name, alias)
-    if version is None:
-        if previous is not None:
-            client.delete_registered_model_alias(name, alias)
-    else:
-        client.set_registered_model_alias(name, alias, version)
-    move = AliasMove(alias, version, previous, actor(), reason, evaluation_run, forced, time.time())
-    seq = len(alias_history(client, name)) + 1
-    client.set_registered_model_tag(name, f"{HISTORY_TAG}{seq:06d}", json.dumps(asdict(move)))
-    if version is not None:
-        client.set_model_version_tag(name, version, f"tuneops.{alias}.moved_by", move.actor)
-        client.set_model_version_tag(name, version, f"tuneops.{alias}.reason", reason[:4000])
-    return move
-
-
 def servable_versions(client: MlflowClient, name: str) -> list[VersionRef]:
     return [_ref(mv) for mv in client.search_model_versions(f"name = '{name}'")]
-
-
-def version_tags(client: MlflowClient, ref: VersionRef) -> dict[str, Any]:
-    return dict(client.get_model_version(ref.name, ref.version).tags)

@@ -70,8 +70,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from core.aliases import move_alias
     from core.device import choose_device, choose_dtype
-    from core.registry import PRODUCTION, connect, move_alias
+    from core.registry import PRODUCTION, connect
     from core.schema.evaluation import EvaluationConfig
     from evaluate.job import run_evaluation
 

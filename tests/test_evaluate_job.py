@@ -8,8 +8,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from core.aliases import move_alias
 from core.errors import ConfigError, DataError, RegistryError
-from core.registry import PRODUCTION, connect, current_alias, move_alias
+from core.registry import PRODUCTION, connect, current_alias
 from core.schema.evaluation import EvaluationConfig
 from evaluate.job import VALIDATION_ARTIFACT, run_evaluation
 from evaluate.readers import SUITES_DIR

@@ -1,8 +1,9 @@
 import mlflow
 import pytest
 
+from core.aliases import history, move_alias
 from core.errors import RegistryError
-from core.registry import PRODUCTION, alias_history, connect, move_alias, resolve_version
+from core.registry import PRODUCTION, connect, resolve_version
 
 
 def test_version_is_a_real_pyfunc_model_that_generates(make_version):
@@ -46,9 +47,9 @@ def test_alias_moves_are_recorded_in_order(make_version, mlflow_store):
     client = connect(mlflow_store)
     move_alias(client, "tiny-model", PRODUCTION, "1", reason="first")
     move_alias(client, "tiny-model", PRODUCTION, "2", reason="second", evaluation_run="abc")
-    history = alias_history(client, "tiny-model")
-    assert [(m.version, m.previous, m.reason) for m in history] == [
+    moves = history(client, "tiny-model")
+    assert [(m.version, m.previous, m.reason) for m in moves] == [
         ("1", None, "first"),
         ("2", "1", "second"),
     ]
-    assert history[1].evaluation_run == "abc"
+    assert moves[1].evaluation_run == "abc"
