@@ -166,9 +166,10 @@ def register_version(work: Path) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from core.aliases import move_alias
     from core.models import load_causal_lm, load_tokenizer, resolve_base_model
     from core.pyfunc import publish_version, write_bundle
-    from core.registry import PRODUCTION, Manifest, connect, move_alias
+    from core.registry import PRODUCTION, Manifest, connect
 
     base = resolve_base_model("smollm2-135m-instruct")
     tokenizer = load_tokenizer(base)
@@ -195,7 +196,7 @@ def register_version(work: Path) -> str:
 
 
 def start_gateway(uri: str, port: int, max_batch: int, work: Path, threads: int) -> subprocess.Popen:
-    """`tuneops serve --config` through the real CLI command (tuneops/cli_serve.py)."""
+    """`tuneops serve --config` through the real CLI command (tuneops/commands/serving.py)."""
     config = work / f"serve-{port}.yaml"
     config.write_text(
         json.dumps(
@@ -214,10 +215,7 @@ def start_gateway(uri: str, port: int, max_batch: int, work: Path, threads: int)
             }
         )
     )
-    code = (
-        "import typer; from tuneops.cli_serve import register; app = typer.Typer(); register(app); "
-        f"app(['serve', '--config', {str(config)!r}])"
-    )
+    code = f"from tuneops.cli import app; app(['serve', '--config', {str(config)!r}])"
     return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=ROOT,

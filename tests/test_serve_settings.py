@@ -51,14 +51,11 @@ def test_shipped_config_is_valid_and_every_field_is_described():
 
 
 def test_cli_refuses_a_bad_config_and_hashes_keys(tmp_path):
-    import typer
     from typer.testing import CliRunner
 
     from serve.auth import hash_key
-    from tuneops.cli_serve import register
+    from tuneops.cli import app
 
-    app = typer.Typer()
-    register(app)
     bad = tmp_path / "serve.yaml"
     bad.write_text("models: [m]\nprot: 1\n")
     result = CliRunner().invoke(app, ["serve", "--config", str(bad)])

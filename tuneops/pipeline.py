@@ -1,19 +1,18 @@
 """train -> evaluate -> gate -> `candidate` -> promote: the whole path of one job, top to bottom.
 
 `tuneops train` runs the first two steps when the job has an `evaluation` section; `tuneops pipeline` runs
-them all, and promotes to `production` when the job says `registry.promote: auto` and every gate passed.
+them all, and promotes to `production` when the job says `registry.promote: auto` and every gate passed. An
+evaluation with no gates makes a candidate but never an automatic promotion: it checked nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-import typer
-
-from core.registry import CANDIDATE, connect, move_alias
+from core import aliases
+from core.registry import connect
 from core.schema.job import JobConfig
 from finetune.job import JobResult, run_job
 
@@ -53,54 +52,28 @@ def train_and_evaluate(cfg: JobConfig, job_name: str, resume: bool = False) -> t
 
 
 def run_pipeline(cfg: JobConfig, job_name: str, resume: bool = False) -> PipelineResult:
-    from evaluate.promotion import promote
-
     job, verdict = train_and_evaluate(cfg, job_name, resume)
     if not job.run_id:
         return PipelineResult(job, None, False, False)  # a non-main process of a distributed job
     if job.version is None or verdict is None:
         log.info("no evaluation section: the version is registered but not a candidate")
         return PipelineResult(job, verdict, False, False)
-    if not verdict.passed:
+    if verdict.outcome == aliases.FAIL:
         log.warning("gates failed: %s/%s stays out of production", job.model_name, job.version)
         return PipelineResult(job, verdict, False, False)
     client = connect(cfg.tracking.tracking_uri)
-    move_alias(
-        client,
-        job.model_name,
-        CANDIDATE,
-        job.version,
-        reason=f"pipeline {job_name}: gates passed",
-        evaluation_run=verdict.evaluation_run,
-    )
-    promoted = False
-    if cfg.registry.promote == "auto":
-        promote(client, job.model_name, job.version, reason=f"pipeline {job_name}: promote auto, gates passed")
-        promoted = True
-    return PipelineResult(job, verdict, True, promoted)
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("pipeline")
-    def pipeline_command(
-        job: Annotated[Path, typer.Argument(help="Job file (YAML).")],
-        overrides: Annotated[list[str] | None, typer.Argument(help="Overrides such as lora.r=8.")] = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue the job's last run.")] = False,
-    ) -> None:
-        """Train, evaluate, gate, mark `candidate`, and promote when the job says `registry.promote: auto`."""
-        from tuneops.cli import load_job, print_result
-
-        cfg = load_job(job, overrides)
-        result = run_pipeline(cfg, job.stem, resume=resume)
-        print_result(result.job)
-        if result.verdict is not None:
-            typer.echo(result.verdict.summary())
-        state = (
-            "promoted to production"
-            if result.promoted
-            else ("marked candidate" if result.candidate else "not promoted")
+    gated = verdict.outcome == aliases.PASS
+    why = "gates passed" if gated else "evaluated with no gates"
+    aliases.candidate(client, job.model_name, job.version, reason=f"pipeline {job_name}: {why}")
+    if cfg.registry.promote != "auto":
+        return PipelineResult(job, verdict, True, False)
+    if not gated:
+        log.warning(
+            "%s/%s: no gates configured, so `registry.promote: auto` does not promote it "
+            "(add gates, or `tuneops promote --force --reason`)",
+            job.model_name,
+            job.version,
         )
-        if result.job.version:
-            typer.echo(f"{result.job.model_name}/{result.job.version}: {state}")
-        if result.verdict is not None and not result.verdict.passed:
-            raise typer.Exit(1)
+        return PipelineResult(job, verdict, True, False)
+    aliases.promote(client, job.model_name, job.version, reason=f"pipeline {job_name}: promote auto, gates passed")
+    return PipelineResult(job, verdict, True, True)
