@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(RUN) $(TUNEOPS) $(if $(wildcard tuneops/pipeline.py),pipeline,train) configs/default.yaml
+	$(RUN) $(TUNEOPS) pipeline configs/default.yaml
 
 test: setup
 	$(RUN) $(PY) -m pytest
