@@ -235,7 +235,7 @@ def run_evaluation(
     verdict.record(client, outcome)
     if version.run_id:
         client.set_tag(version.run_id, verdict.EVALUATION_RUN_TAG, run_id)
-    log.info("%s", outcome.summary())
+    log.debug("%s", outcome.summary())  # callers present the verdict; logging it too printed it twice
     return outcome
 
 
