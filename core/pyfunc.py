@@ -14,28 +14,21 @@ from core.registry import ADAPTER_DIR, MANIFEST_FILE, Manifest
 
 
 class AdapterModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
-    """Loads the referenced base model, checks its digest, attaches the adapter and generates greedily."""
+    """Opens the bundled version (base checked, adapter attached, as core.version does) and generates greedily."""
 
     def load_context(self, context: Any) -> None:
         import torch
-        from peft import PeftModel
 
         from core.device import choose_device, choose_dtype
-        from core.errors import ModelError
-        from core.models import load_causal_lm, load_tokenizer, resolve_base_model
+        from core.version import OpenedVersion
 
-        root = Path(context.artifacts["bundle"])
-        self.manifest = Manifest.read(root / MANIFEST_FILE)
-        base = resolve_base_model(self.manifest.base_model)
-        if base.digest != self.manifest.base_digest:
-            raise ModelError(
-                f"base model {base.name} has digest {base.digest}, but this version was trained on "
-                f"{self.manifest.base_digest}"
-            )
+        version = OpenedVersion.read(Path(context.artifacts["bundle"]))
+        self.manifest = version.manifest
         self.device = choose_device("auto")
-        self.tokenizer = load_tokenizer(root / ADAPTER_DIR)
-        model = load_causal_lm(base, self.device, choose_dtype("auto", self.device))
-        self.model = PeftModel.from_pretrained(model, root / ADAPTER_DIR).eval()
+        self.tokenizer = version.tokenizer()
+        self.eos_ids = version.eos_ids(self.tokenizer)
+        model = version.load_base(self.device, choose_dtype("auto", self.device))
+        self.model = version.attach(model, "default").eval()
         self._torch = torch
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
@@ -54,7 +47,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
                     attention_mask=self._torch.ones_like(x),
                     max_new_tokens=max_new,
                     do_sample=False,
-                    eos_token_id=self.tokenizer.convert_tokens_to_ids(self.manifest.eos_token),
+                    eos_token_id=self.eos_ids,
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
             outputs.append(str(self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)).strip())
