@@ -18,6 +18,7 @@ from core.errors import DataError
 from core.registry import PRODUCTION, VersionRef, connect, current_alias, resolve_version
 from core.schema.data import ColumnMap
 from core.schema.evaluation import EvaluationConfig
+from core.version import OpenedVersion, open_version
 from evaluate import model_card, readers, tracking, verdict
 from evaluate.bbq import run_bbq
 from evaluate.bootstrap import Metric
@@ -27,7 +28,7 @@ from evaluate.gates import Gate, judge, parse_gates
 from evaluate.quality import run_quality
 from evaluate.results import SuiteResult
 from evaluate.scoring import Subject
-from evaluate.subjects import BASE, MODEL, PROD, Bundle, fetch, load_subjects
+from evaluate.subjects import BASE, MODEL, PROD, load_subjects
 from evaluate.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -206,12 +207,12 @@ def run_evaluation(
     with tempfile.TemporaryDirectory(prefix="tuneops-eval-") as tmp:
         workdir = Path(tmp)
         inputs = read_inputs(cfg, version, workdir)
-        bundle = fetch(client, version, workdir / "model")
+        bundle = open_version(client, version, workdir / "model")
         prod_version = _production(client, version, cfg)
-        production: Bundle | None = None
+        production: OpenedVersion | None = None
         if prod_version is not None and prod_version != version.version:
             prod_ref = resolve_version(client, f"{version.name}/{prod_version}")
-            production = fetch(client, prod_ref, workdir / "production")
+            production = open_version(client, prod_ref, workdir / "production")
         run_id = tracking.start_run(client, version)
         try:
             subjects = load_subjects(bundle, production, cfg.compare_base, device, dtype)
@@ -243,7 +244,7 @@ def _log(
     client: MlflowClient,
     run_id: str,
     version: VersionRef,
-    bundle: Bundle,
+    bundle: OpenedVersion,
     cfg: EvaluationConfig,
     inputs: Inputs,
     results: dict[str, SuiteResult],

@@ -1,101 +1,58 @@
-"""Load the version under test, its base model and the production version as `Subject`s.
+"""The version under test, its base model and the production version as `Subject`s, opened by core.version.
 
 One base model is loaded once and carries both adapters (`model`, `production`); the base is measured with
-adapters disabled. A production version trained on a different base gets its own copy of that base.
+adapters disabled. Each subject runs with its own version's manifest (chat template, system prompt, EOS). A
+production version trained on a different base gets its own copy of that base.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.device import DevicePref, DtypePref, choose_device, choose_dtype
-from core.errors import ModelError
-from core.models import load_causal_lm, load_tokenizer, resolve_base_model
-from core.registry import ADAPTER_DIR, MANIFEST_FILE, Manifest, VersionRef, download_version
+from core.version import OpenedVersion
 from evaluate.scoring import Subject
-
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
 MODEL, BASE, PROD = "model", "base", "production"
 
 
-@dataclass
-class Bundle:
-    """A downloaded version: its manifest and the folder holding the adapter."""
-
-    ref: VersionRef
-    manifest: Manifest
-    root: Path
-
-
-def fetch(client: MlflowClient, ref: VersionRef, dest: Path) -> Bundle:
-    root = download_version(client, ref, dest)
-    return Bundle(ref, Manifest.read(root / MANIFEST_FILE), root)
-
-
-def _eos_ids(tokenizer: object, manifest: Manifest) -> list[int]:
-    """The manifest's EOS first (the answer terminator that is scored), then the tokenizer's own."""
-    ids = [tokenizer.convert_tokens_to_ids(manifest.eos_token)]  # type: ignore[attr-defined]
-    own = getattr(tokenizer, "eos_token_id", None)
-    if own is not None and own not in ids:
-        ids.append(own)
-    return [i for i in ids if isinstance(i, int) and i >= 0]
+def _subject(label: str, model: object, adapter: str | None, version: OpenedVersion, tokenizer: object) -> Subject:
+    manifest = version.manifest
+    return Subject(
+        label=label,
+        model=model,
+        adapter=adapter,
+        tokenizer=tokenizer,  # type: ignore[arg-type]
+        chat_template=manifest.chat_template,
+        system_prompt=manifest.system_prompt,
+        eos_ids=version.eos_ids(tokenizer),  # type: ignore[arg-type]
+    )
 
 
 def load_subjects(
-    bundle: Bundle,
-    production: Bundle | None,
+    version: OpenedVersion,
+    production: OpenedVersion | None,
     with_base: bool,
     device_pref: DevicePref = "auto",
     dtype_pref: DtypePref = "auto",
 ) -> dict[str, Subject]:
     """Subjects keyed `model`, `base` (when asked) and `production` (when given), ready to score."""
-    from peft import PeftModel
-
     device = choose_device(device_pref)
     dtype = choose_dtype(dtype_pref, device)
-    manifest = bundle.manifest
-    base_ref = resolve_base_model(manifest.base_model)
-    if manifest.base_digest and base_ref.digest != manifest.base_digest:
-        raise ModelError(
-            f"base model {base_ref.name} has digest {base_ref.digest}, but {bundle.ref.label} was trained on "
-            f"{manifest.base_digest}"
-        )
-    tokenizer = load_tokenizer(bundle.root / ADAPTER_DIR)
-    log.info("loading %s on %s in %s", base_ref.name, device, dtype)
-    base = load_causal_lm(base_ref, device, dtype)
-    peft_model = PeftModel.from_pretrained(base, bundle.root / ADAPTER_DIR, adapter_name=MODEL).eval()
+    base_ref = version.base()
+    tokenizer = version.tokenizer()
+    peft_model = version.attach(version.load_base(device, dtype), MODEL).eval()
 
-    def subject(
-        label: str, model: object, adapter: str | None, tok: object = tokenizer, man: Manifest = manifest
-    ) -> Subject:
-        return Subject(
-            label=label,
-            model=model,
-            adapter=adapter,
-            tokenizer=tok,  # type: ignore[arg-type]
-            chat_template=man.chat_template,
-            system_prompt=man.system_prompt,
-            eos_ids=_eos_ids(tok, man),
-        )
-
-    out = {MODEL: subject(MODEL, peft_model, MODEL)}
+    out = {MODEL: _subject(MODEL, peft_model, MODEL, version, tokenizer)}
     if with_base:
-        out[BASE] = subject(BASE, peft_model, None)
+        out[BASE] = _subject(BASE, peft_model, None, version, tokenizer)
     if production is not None:
-        if production.manifest.base_digest == manifest.base_digest:
-            peft_model.load_adapter(str(production.root / ADAPTER_DIR), adapter_name=PROD)
-            out[PROD] = subject(PROD, peft_model, PROD)
+        if production.manifest.base_digest == base_ref.digest:
+            out[PROD] = _subject(PROD, production.attach(peft_model, PROD), PROD, production, tokenizer)
         else:
-            log.info("production %s uses another base model; loading it separately", production.ref.label)
-            other = load_causal_lm(resolve_base_model(production.manifest.base_model), device, dtype)
-            prod_model = PeftModel.from_pretrained(other, production.root / ADAPTER_DIR, adapter_name=PROD)
-            prod_tokenizer = load_tokenizer(production.root / ADAPTER_DIR)
-            out[PROD] = subject(PROD, prod_model.eval(), PROD, prod_tokenizer, production.manifest)
+            log.info("production %s uses another base model; loading it separately", production.label)
+            prod_model = production.attach(production.load_base(device, dtype), PROD).eval()
+            out[PROD] = _subject(PROD, prod_model, PROD, production, production.tokenizer())
     return out
