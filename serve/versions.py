@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelError, TuneopsError
-from core.registry import ADAPTER_DIR, MANIFEST_FILE, PRODUCTION, REF, Manifest
+from core.registry import PRODUCTION, REF, Manifest
+from core.version import OpenedVersion, open_version
 from serve.engine import Engine, Failed, Finished, Job, SamplingParams
 from serve.errors import APIError, ModelNotFound, NotReady
 from serve.metrics import Metrics
@@ -38,7 +39,6 @@ class Served:
     adapter: str
     manifest: Manifest
     eos_ids: frozenset[int]
-    loaded_at: float
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -59,8 +59,7 @@ class VersionDirectory:
         self._versions: dict[tuple[str, str], Served] = {}
         self._failed: dict[tuple[str, str], str] = {}
         self._used: dict[tuple[str, str], float] = {}
-        self._manifests: dict[tuple[str, str], Manifest] = {}
-        self._folders: dict[tuple[str, str], Path] = {}
+        self._opened: dict[tuple[str, str], OpenedVersion] = {}
         self._load_lock = threading.Lock()
         self.started = False
 
@@ -127,7 +126,7 @@ class VersionDirectory:
                 aliases.setdefault(str(version), []).append(alias)
             for ref in sorted(refs, key=lambda r: int(r.version)):
                 try:
-                    manifest = self._manifest(name, ref.version)
+                    manifest = self._open(name, ref.version).manifest
                 except TuneopsError:
                     continue  # not a tuneops version, so not servable
                 mv = self.client.get_model_version(name, ref.version)
@@ -139,9 +138,6 @@ class VersionDirectory:
 
     def ready(self) -> bool:
         return self.started and any((m, PRODUCTION) in self._aliases for m in self.settings.models)
-
-    def watched(self) -> dict[tuple[str, str], str]:
-        return {k: s.version for k, s in self._aliases.items()}
 
     # loading --------------------------------------------------------------------------------------
 
@@ -199,22 +195,13 @@ class VersionDirectory:
 
         return current_alias(self.client, name, alias)
 
-    def _manifest(self, name: str, version: str) -> Manifest:
+    def _open(self, name: str, version: str) -> OpenedVersion:
+        """The version downloaded into the work folder, once."""
         key = (name, version)
-        if key not in self._manifests:
-            folder = self._download(name, version)
-            self._manifests[key] = Manifest.read(folder / MANIFEST_FILE)
-        return self._manifests[key]
-
-    def _download(self, name: str, version: str) -> Path:
-        from core.registry import download_version, resolve_version
-
-        key = (name, version)
-        if key not in self._folders:
+        if key not in self._opened:
             dest = self.workdir / re.sub(r"[^A-Za-z0-9_.-]", "_", name) / version
-            dest.mkdir(parents=True, exist_ok=True)
-            self._folders[key] = download_version(self.client, resolve_version(self.client, f"{name}/{version}"), dest)
-        return self._folders[key]
+            self._opened[key] = open_version(self.client, f"{name}/{version}", dest)
+        return self._opened[key]
 
     def _load(self, name: str, version: str) -> Served:
         """Download, check the base, load the adapter, and generate once; raises (and records) on failure."""
@@ -223,16 +210,13 @@ class VersionDirectory:
                 return self._versions[(name, version)]
             adapter = re.sub(r"[^A-Za-z0-9_]", "_", f"{name}__v{version}")
             try:
-                folder = self._download(name, version)
-                manifest = self._manifest(name, version)
-                self._ensure_base(manifest)
-                self.engine.call(lambda: self.engine.add_adapter(adapter, folder / ADAPTER_DIR)).result(
+                opened = self._open(name, version)
+                self._ensure_base(opened)
+                self.engine.call(lambda: self.engine.add_adapter(adapter, opened.adapter_path)).result(
                     self.settings.load_timeout_s
                 )
-                eos = self.tokenizer.convert_tokens_to_ids(manifest.eos_token)
-                if not isinstance(eos, int) or eos == self.tokenizer.unk_token_id:
-                    raise ModelError(f"EOS token {manifest.eos_token!r} is not in the vocabulary")
-                served = Served(name, version, adapter, manifest, frozenset({eos}), time.time())
+                eos_ids = frozenset(opened.eos_ids(self.tokenizer))
+                served = Served(name, version, adapter, opened.manifest, eos_ids)
                 self._warm(served)
             except Exception as exc:
                 self._failed[(name, version)] = str(exc)
@@ -247,27 +231,16 @@ class VersionDirectory:
             log.info("loaded %s/%s as adapter %s", name, version, adapter)
             return served
 
-    def _ensure_base(self, manifest: Manifest) -> None:
+    def _ensure_base(self, opened: OpenedVersion) -> None:
         """The first version decides the base; every later one must have been trained on the same weights."""
-        from core.models import load_causal_lm, load_tokenizer, resolve_base_model
-
         if self.base is not None:
-            if manifest.base_digest != self.base.digest:
-                raise ModelError(
-                    f"trained on {manifest.base_model} ({manifest.base_digest[:19]}), but this "
-                    f"gateway serves {self.base.name} ({self.base.digest[:19]})"
-                )
+            opened.check_base(self.base)
             return
         import torch
 
         from core.device import choose_device, choose_dtype
 
-        base = resolve_base_model(manifest.base_model)
-        if base.digest != manifest.base_digest:
-            raise ModelError(
-                f"base model {base.name} has digest {base.digest}, but the version was trained on "
-                f"{manifest.base_digest}"
-            )
+        base = opened.base()
         device = choose_device(self.settings.device)
         dtype = choose_dtype(self.settings.dtype, device)
         threads = self.settings.cpu_threads
@@ -275,11 +248,10 @@ class VersionDirectory:
         def load() -> None:
             if device.type == "cpu":
                 torch.set_num_threads(threads)
-            model = load_causal_lm(base, device, dtype).eval()
-            self.engine.load_base(model, load_tokenizer(base), device)
+            self.engine.load_base(opened.load_base(device, dtype).eval(), opened.tokenizer(), device)
 
         self.engine.call(load).result(self.settings.load_timeout_s)
-        self.tokenizer = load_tokenizer(base)
+        self.tokenizer = opened.tokenizer()
         config = self.engine.base.config
         self.max_model_len = self.settings.limits.max_model_len or int(getattr(config, "max_position_embeddings", 2048))
         self.base = base
