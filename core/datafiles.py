@@ -32,7 +32,7 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "system": "system",
 }
-_WS = re.compile(r"[ \t\n\r]*")
+_NOT_WS = re.compile(r"[^ \t\n\r]")
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,11 @@ def read_text(path: Path) -> str:
         raise data_error(path, line, f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
 
 
+def _skip_ws(text: str, at: int) -> int:
+    found = _NOT_WS.search(text, at)
+    return found.start() if found else len(text)
+
+
 def _skip_or_raise(malformed: list[str] | None, where: str, problem: str) -> None:
     if malformed is None:
         raise DataError(f"{where}: {problem}")
@@ -160,7 +165,7 @@ def _json_rows(path: Path, malformed: list[str] | None) -> Iterator[Row]:
     """A JSON list is read element by element so each row keeps the line it starts on; `{"data": [...]}` too,
     by position."""
     text = read_text(path)
-    start = _WS.match(text).end()  # type: ignore[union-attr]
+    start = _skip_ws(text, 0)
     if text.startswith("[", start):
         yield from _json_list(path, text, start + 1, malformed)
         return
@@ -183,15 +188,11 @@ def _json_list(path: Path, text: str, pos: int, malformed: list[str] | None) -> 
     decoder = json.JSONDecoder()
     line, counted = 1, 0
     index = 0
-
-    def skip_ws(at: int) -> int:
-        return _WS.match(text, at).end()  # type: ignore[union-attr]
-
-    pos = skip_ws(pos)
+    pos = _skip_ws(text, pos)
     closed = text.startswith("]", pos)
     pos += closed
     while not closed:
-        pos = skip_ws(pos)
+        pos = _skip_ws(text, pos)
         line += text.count("\n", counted, pos)
         counted = pos
         try:
@@ -205,7 +206,7 @@ def _json_list(path: Path, text: str, pos: int, malformed: list[str] | None) -> 
         else:
             _skip_or_raise(malformed, f"{path}:{line}", f"expected a JSON object, got {type(obj).__name__}")
         index += 1
-        pos = skip_ws(pos)
+        pos = _skip_ws(text, pos)
         if text.startswith(",", pos):
             pos += 1
             continue
@@ -213,7 +214,7 @@ def _json_list(path: Path, text: str, pos: int, malformed: list[str] | None) -> 
             raise data_error(path, text.count("\n", 0, pos) + 1, "invalid JSON (expecting ',' or ']')")
         pos += 1
         closed = True
-    pos = skip_ws(pos)
+    pos = _skip_ws(text, pos)
     if pos != len(text):
         raise data_error(path, text.count("\n", 0, pos) + 1, "invalid JSON (extra data after the list)")
 
