@@ -199,7 +199,7 @@ def engine_only(folder: Path | None, max_tokens: int) -> int:
                 add_special_tokens=False,
             )["input_ids"]
             params = SamplingParams(max_tokens=n_tokens, temperature=temperature, seed=seed)
-            engine.submit(Job(str(i), adapter, list(ids), params, frozenset(), sink), 1)
+            engine.submit(Job(adapter, list(ids), params, frozenset(), sink), 1)
         for _ in specs:
             done.acquire()
         return [out.get(i, "") for i in range(len(specs))]
