@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from core.registry import VersionRef
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,14 +40,34 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory, smollm2) -> Path:
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer without converting its weights: read from the GGUF once, then kept in the cache."""
+    from transformers import AutoTokenizer
+
+    from core.models import CATALOGUE, _gguf_path, cache_dir, load_tokenizer
+
+    entry = CATALOGUE["smollm2-135m-instruct"]
+    gguf = _gguf_path(entry)
+    folder = cache_dir() / "tokenizers" / f"{entry.name}-{gguf.stat().st_size}"
+    if not (folder / "tokenizer_config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        try:
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+            with contextlib.suppress(OSError):  # another test process got there first
+                tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer and chat template: fast, but real shapes."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from core.models import load_tokenizer
-
-    tokenizer = load_tokenizer(smollm2)
+    tokenizer = smollm2_tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -62,6 +89,14 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, smollm2) -> Path:
     return out
 
 
+def _use_store(uri: str, mp: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh SQLite tracking store with its artifacts under tmp_path; yields the tracking URI."""
@@ -69,22 +104,34 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _use_store(uri, monkeypatch)
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
 
 
-@pytest.fixture
-def make_version(tiny_base: Path, mlflow_store: str, tmp_path: Path) -> Callable[..., object]:
-    """Register a version of a random LoRA adapter on the tiny base; returns its VersionRef.
+class Publisher:
+    """Registers versions of random LoRA adapters in one MLflow store: the one way tests make versions."""
 
-    `seed` changes the adapter weights, so two versions answer differently.
-    """
+    def __init__(self, uri: str, root: Path, base_dir: Path) -> None:
+        self.uri = uri
+        self.root = root
+        self.base_dir = base_dir
 
-    def make(name: str = "tiny-model", seed: int = 0, system_prompt: str | None = None):
+    def publish(
+        self,
+        name: str = "tiny-model",
+        seed: int = 0,
+        *,
+        base_dir: Path | None = None,
+        system_prompt: str | None = None,
+        base_digest: str | None = None,
+        broken: str | None = None,
+        alias: str | None = None,
+    ) -> VersionRef:
+        """Register a version; returns its VersionRef. `seed` changes the adapter weights, so two versions
+        answer differently. `base_digest` overrides the recorded digest; `broken`: 'weights' writes garbage
+        adapter weights, 'nan' NaN ones. `alias` points an alias at the new version."""
         import mlflow
         import torch
         from peft import LoraConfig, get_peft_model
@@ -93,26 +140,59 @@ def make_version(tiny_base: Path, mlflow_store: str, tmp_path: Path) -> Callable
         from core.pyfunc import publish_version, write_bundle
         from core.registry import Manifest, connect, resolve_version
 
+        base_dir = base_dir or self.base_dir
         torch.manual_seed(seed)
-        tokenizer = load_tokenizer(tiny_base)
-        base = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32)
+        tokenizer = load_tokenizer(base_dir)
+        base = load_causal_lm(base_dir, torch.device("cpu"), torch.float32)
         model = get_peft_model(
             base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
         )
+        if broken == "nan":
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.fill_(float("nan"))
         manifest = Manifest(
-            base_model=str(tiny_base),
-            base_digest=weights_digest(tiny_base),
+            base_model=str(base_dir),
+            base_digest=weights_digest(base_dir) if base_digest is None else base_digest,
             chat_template=tokenizer.chat_template,
             eos_token=tokenizer.eos_token,
             system_prompt=system_prompt,
             max_length=512,
             job_name="test",
         )
-        bundle = write_bundle(tmp_path / f"bundle-{name}-{seed}", model, tokenizer, manifest)
-        client = connect(mlflow_store)
+        bundle = write_bundle(self.root / f"bundle-{name}-{seed}-{broken}", model, tokenizer, manifest)
+        if broken == "weights":
+            (bundle / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+        client = connect(self.uri)
         mlflow.set_experiment("tests")
         with mlflow.start_run():
             mv = publish_version(bundle, name, pip_requirements=["torch"])
+        if alias:
+            self.move(name, alias, str(mv.version))
         return resolve_version(client, f"{name}/{mv.version}")
 
-    return make
+    def move(self, name: str, alias: str, version: str) -> None:
+        from core.aliases import move_alias
+        from core.registry import connect
+
+        move_alias(connect(self.uri), name, alias, version, "test")
+
+
+@pytest.fixture
+def make_version(tiny_base: Path, mlflow_store: str, tmp_path: Path) -> Callable[..., VersionRef]:
+    """Register a version on the tiny base in this test's store (see Publisher.publish)."""
+    return Publisher(mlflow_store, tmp_path, tiny_base).publish
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Publisher]:
+    """One store shared by a test module (gateways are slow to start): publish versions, move aliases."""
+    root = tmp_path_factory.mktemp("store")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    try:
+        _use_store(f"sqlite:///{root}/mlflow.db", mp)
+        yield Publisher(f"sqlite:///{root}/mlflow.db", root, tiny_base)
+    finally:
+        mp.undo()

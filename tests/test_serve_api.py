@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from test_serve_support are parameters here)
 """The OpenAI protocol through the official client against a real gateway on loopback (tiny model)."""
 
 from __future__ import annotations
@@ -6,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_serve_support import CHAT, Running, running_gateway, store  # noqa: F401
+from test_serve_support import CHAT, Running, running_gateway
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from test_serve_support are parameters here)
 """Every error in OpenAI's shape with the right status, auth, and admission control (tiny model)."""
 
 from __future__ import annotations
@@ -9,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from test_serve_support import CHAT, Running, running_gateway, store, wait_for  # noqa: F401
+from test_serve_support import CHAT, Running, running_gateway
 
 KEYS = ("key-one", "key-two")
 

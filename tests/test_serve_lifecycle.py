@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from test_serve_support are parameters here)
 """Promotion, rollback and failed promotion under load, readiness, disconnects and drain (tiny model)."""
 
 from __future__ import annotations
@@ -7,7 +6,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_serve_support import CHAT, running_gateway, store, wait_for  # noqa: F401
+from test_serve_support import CHAT, running_gateway, wait_for
 
 
 def answer(client, model, max_tokens=24):

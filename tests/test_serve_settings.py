@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from test_serve_support are parameters here)
 """Settings (YAML + environment, unknown keys refused), the CLI, the real model end to end, and CUDA."""
 
 from __future__ import annotations
@@ -7,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serve_support import CHAT, running_gateway, store  # noqa: F401
+from test_serve_support import CHAT, running_gateway
 
 
 def test_settings_from_yaml_with_environment_overrides(tmp_path, monkeypatch):

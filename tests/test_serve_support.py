@@ -1,6 +1,7 @@
 """Helpers for the gateway tests: a real uvicorn server on loopback in a thread, with the official client.
 
-Imported by the other test_serve_* modules (pytest puts tests/ on sys.path); it holds no tests itself.
+Imported by the other test_serve_* modules (pytest puts tests/ on sys.path); it holds no tests and no fixtures
+(the `store` of versions they serve is in conftest.py).
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 CHAT = [{"role": "user", "content": "What is a building permit?"}]
 
@@ -98,83 +97,3 @@ def running_gateway(models: list[str], wait_ready: bool = True, **overrides: Any
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-class Store:
-    """A temporary MLflow store shared by one test module, and a way to register versions in it."""
-
-    def __init__(self, uri: str, root: Path, base_dir: Path) -> None:
-        self.uri = uri
-        self.root = root
-        self.base_dir = base_dir
-
-    def publish(
-        self,
-        name: str,
-        seed: int = 0,
-        *,
-        base_dir: Path | None = None,
-        broken: str | None = None,
-        alias: str | None = None,
-    ) -> Any:
-        """Register a random LoRA version (like conftest's make_version); `broken`: 'weights' writes garbage
-        adapter weights, 'nan' NaN ones. `alias` points an alias at it."""
-        import mlflow
-        import torch
-        from peft import LoraConfig, get_peft_model
-
-        from core.models import load_causal_lm, load_tokenizer, weights_digest
-        from core.pyfunc import publish_version, write_bundle
-        from core.registry import Manifest, connect, move_alias, resolve_version
-
-        base_dir = base_dir or self.base_dir
-        torch.manual_seed(seed)
-        tokenizer = load_tokenizer(base_dir)
-        base = load_causal_lm(base_dir, torch.device("cpu"), torch.float32)
-        model = get_peft_model(
-            base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-        )
-        if broken == "nan":
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if "lora_B" in n:
-                        p.fill_(float("nan"))
-        manifest = Manifest(
-            base_model=str(base_dir),
-            base_digest=weights_digest(base_dir),
-            chat_template=tokenizer.chat_template,
-            eos_token=tokenizer.eos_token,
-            job_name="test",
-        )
-        bundle = write_bundle(self.root / f"bundle-{name}-{seed}-{broken}", model, tokenizer, manifest)
-        if broken == "weights":
-            (bundle / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
-        client = connect(self.uri)
-        mlflow.set_experiment("serve-tests")
-        with mlflow.start_run():
-            mv = publish_version(bundle, name, pip_requirements=["torch"])
-        if alias:
-            move_alias(client, name, alias, str(mv.version), "test")
-        return resolve_version(client, f"{name}/{mv.version}")
-
-    def move(self, name: str, alias: str, version: str) -> None:
-        from core.registry import connect, move_alias
-
-        move_alias(connect(self.uri), name, alias, version, "test")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Store]:
-    import mlflow
-
-    root = tmp_path_factory.mktemp("serve-store")
-    uri = f"sqlite:///{root}/mlflow.db"
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield Store(uri, root, tiny_base)
-    finally:
-        mp.undo()
