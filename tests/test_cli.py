@@ -8,6 +8,11 @@ import yaml
 
 from tuneops.cli import run
 
+COMMANDS = (
+    *("train", "pipeline", "validate", "data", "models"),
+    *("evaluate", "promote", "rollback", "history", "serve", "serve-key-hash"),
+)
+
 
 def write_job(tmp_path: Path, tiny_base: Path, **sections) -> Path:
     data = {
@@ -52,7 +57,7 @@ def test_data_shows_trained_tokens_and_report(tmp_path, tiny_base, capsys):
 
 
 def test_help_on_every_command(capsys):
-    for cmd in ("train", "validate", "data", "models"):
+    for cmd in COMMANDS:
         assert run([cmd, "--help"]) == 0
         assert "Usage" in capsys.readouterr().out
 
@@ -106,3 +111,29 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_run(tmp_path, tiny_base, 
     err = capsys.readouterr().err
     assert "error: " in err and message in err
     assert no_run_was_made(tmp_path)
+
+
+def test_the_app_is_complete_at_import():
+    from typer.testing import CliRunner
+
+    from tuneops.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    listed = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed == list(COMMANDS)
+
+
+def test_serve_takes_configs_serve_yaml_by_default_and_model_names_as_arguments(tmp_path, monkeypatch):
+    import serve.server
+
+    served = []
+    monkeypatch.setattr(serve.server, "serve", served.append)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "serve.yaml").write_text("models: [faq-assistant]\nport: 8123\n")
+
+    assert run(["serve"]) == 0
+    assert run(["serve", "faq-assistant", "other-model", "--port", "9000"]) == 0
+    assert [(s.models, s.port) for s in served] == [(["faq-assistant"], 8123), (["faq-assistant", "other-model"], 9000)]

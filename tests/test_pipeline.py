@@ -1,9 +1,11 @@
 """`tuneops pipeline`: train -> evaluate -> gate -> candidate -> promote, on the tiny model."""
 
+import logging
 from pathlib import Path
 
 import yaml
 
+from core.aliases import history
 from core.registry import CANDIDATE, PRODUCTION, connect, current_alias
 from tuneops.cli import run
 
@@ -37,13 +39,26 @@ def write_job(tmp_path: Path, tiny_base: Path, gates: list[str], promote: str = 
     return path
 
 
-def test_passing_gates_make_a_candidate_and_auto_promote(tmp_path, tiny_base, capsys):
+def test_passing_gates_make_a_candidate_and_auto_promote(tmp_path, tiny_base, capsys, caplog):
+    caplog.set_level(logging.INFO)
     assert run(["pipeline", str(write_job(tmp_path, tiny_base, ["perplexity <= 2 * base"]))]) == 0
     client = connect(f"sqlite:///{tmp_path}/mlflow.db")
     assert current_alias(client, "pipe", CANDIDATE) == "1"
     assert current_alias(client, "pipe", PRODUCTION) == "1"
+    captured = capsys.readouterr()
+    assert "pipe/1: promoted to production" in captured.out and "PASS" in captured.out
+    printed = captured.out + captured.err + "\n".join(r.getMessage() for r in caplog.records)
+    assert printed.count("perplexity <= 2 * base: value") == 1  # the gate table once
+    assert [m.kind for m in history(client, "pipe")] == ["candidate", "promote"]
+
+
+def test_no_gates_make_a_candidate_but_never_an_automatic_promotion(tmp_path, tiny_base, capsys):
+    assert run(["pipeline", str(write_job(tmp_path, tiny_base, [], promote="auto"))]) == 0
+    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+    assert current_alias(client, "pipe", CANDIDATE) == "1"
+    assert current_alias(client, "pipe", PRODUCTION) is None
     out = capsys.readouterr().out
-    assert "pipe/1: promoted to production" in out and "PASS" in out
+    assert "pipe/1: NO GATES" in out and "pipe/1: marked candidate" in out
 
 
 def test_failing_gates_move_no_alias_and_exit_1(tmp_path, tiny_base, capsys):
