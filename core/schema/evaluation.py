@@ -15,8 +15,9 @@ class EvaluationConfig(Section):
     )
     extra_files: list[Path] = Field(
         default_factory=list,
-        description="More evaluation data files (JSONL/JSON/CSV in the chat `messages`, "
-        "`instruction`/`input`/`output` or `prompt`/`completion` shape), scored beside the held-out split.",
+        description="More evaluation data files (JSONL, JSON, CSV, Parquet, a folder of them or a saved `datasets` "
+        "folder, in any shape training reads: chat `messages`, ShareGPT `conversations`, instruction, "
+        "prompt/completion; the job's `data.columns` applies), scored beside the held-out split.",
     )
     crows_path: Path | None = Field(None, description="CrowS-Pairs-format CSV; default the shipped suite.")
     bbq_path: Path | None = Field(None, description="BBQ-format JSONL; default the shipped suite.")
