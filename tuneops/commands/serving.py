@@ -14,7 +14,11 @@ DEFAULT_SETTINGS = Path("configs/serve.yaml")
 def serve(
     models: Annotated[
         list[str] | None,
-        typer.Argument(help="Registered model names to serve, replacing the settings' `models`.", show_default=False),
+        typer.Argument(
+            metavar="MODEL",
+            help="Registered model names to serve, replacing the settings' `models`.",
+            show_default=False,
+        ),
     ] = None,
     config: Annotated[
         Path | None,
