@@ -50,7 +50,7 @@ def build(card: CardInputs) -> list[Block]:
         ("h1", f"Model card: {card.label}"),
         (
             "p",
-            f"Verdict: **{'PASS' if v.passed else 'FAIL'}** (evaluation run `{v.evaluation_run}`). "
+            f"Verdict: **{v.outcome.upper()}** (evaluation run `{v.evaluation_run}`). "
             f"Compared with the base model and with production ({card.production_label or 'none'}).",
         ),
         ("h2", "Data lineage"),

@@ -38,3 +38,18 @@ def test_card_lists_lineage_metrics_and_every_gate_in_both_formats():
     assert "| rougeL | 0.25 | 0.15 |" in md
     assert "faq &lt;job&gt;" in html and "<job>" not in html
     assert "<b>FAIL</b>" in html
+
+
+def test_card_of_an_evaluation_without_gates_says_so():
+    verdict = Verdict("faq", "4", True, [], "evalrun")
+    inputs = model_card.CardInputs(
+        label="faq/4",
+        manifest=Manifest("smollm2-135m-instruct", "sha256:abc", None, "<|im_end|>", job_name="faq"),
+        training={"run_id": "trainrun", "datasets": []},
+        results={},
+        sources={},
+        verdict=verdict,
+        production_label=None,
+    )
+    md = model_card.to_markdown(model_card.build(inputs))
+    assert "Verdict: **NO GATES**" in md and "PASS" not in md
