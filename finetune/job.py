@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +127,13 @@ def _log_inputs(cfg: JobConfig, job_name: str, checked: Checked) -> None:
             continue
         frame = pd.DataFrame({"messages": [json.dumps(r.messages) for r in rows], "source": [r.source for r in rows]})
         from_pandas = mlflow.data.from_pandas  # type: ignore[attr-defined]
-        dataset = from_pandas(frame, source=source, name=f"{job_name}-{split}")
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source for both the "" and "file" schemes, so every local path
+            # matches twice; the two are the same class and either is right.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            # MLflow's dataset digest calls `DataFrame.all(0)` positionally, which pandas 4 will refuse.
+            warnings.filterwarnings("ignore", message="Starting with pandas version 4.0", category=DeprecationWarning)
+            dataset = from_pandas(frame, source=source, name=f"{job_name}-{split}")
         mlflow.log_input(dataset, context=split)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +33,11 @@ def attach_lora(model: PreTrainedModel, cfg: JobConfig) -> PeftModel:
         bias=cfg.lora.bias,
         task_type="CAUSAL_LM",
     )
-    # Adapters stay in fp32 while the frozen base runs in bf16: the bf16 matmuls are the speed, fp32 the accuracy.
-    return get_peft_model(model, lora, autocast_adapter_dtype=True)
+    with warnings.catch_warnings():
+        # peft reads the model's deprecated `is_gradient_checkpointing` property itself; nothing to change here.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # Adapters stay in fp32 while the frozen base runs in bf16: the bf16 matmuls are the speed, fp32 the accuracy.
+        return get_peft_model(model, lora, autocast_adapter_dtype=True)
 
 
 def to_dataset(rows: list[Tokenized]) -> Dataset:
@@ -50,12 +55,20 @@ def collator(cfg: JobConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
 
 
+def _checkpointing_arg(arguments: type) -> str:
+    """Newer transformers call `gradient_checkpointing` `activation_checkpointing` and warn on the old name."""
+    names = {f.name for f in dataclasses.fields(arguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def training_arguments(cfg: JobConfig, output_dir: Path, device: torch.device, dtype: torch.dtype, has_eval: bool):
     from transformers import TrainingArguments
 
     t = cfg.training
     eval_on = has_eval
+    checkpointing: dict[str, Any] = {_checkpointing_arg(TrainingArguments): t.gradient_checkpointing}
     return TrainingArguments(
+        **checkpointing,
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -70,7 +83,6 @@ def training_arguments(cfg: JobConfig, output_dir: Path, device: torch.device, d
         bf16=dtype_name(dtype) == "bf16",
         fp16=dtype_name(dtype) == "fp16",
         use_cpu=device.type == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
         torch_compile=t.compile,
         eval_strategy="steps" if eval_on else "no",
         eval_steps=t.eval_steps,
@@ -102,7 +114,9 @@ def trained_logits_loss(model: Any, inputs: dict[str, Any], num_items: Any = Non
     """
     labels = inputs["labels"]
     keep = (labels[0, 1:] != -100).nonzero().squeeze(-1)
-    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+    # Without a cache transformers reads example boundaries from position_ids; with one it attends across them.
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs = model(**forward, use_cache=False, logits_to_keep=keep)
     loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), labels[0, keep + 1], reduction="sum")
     return loss / (num_items if num_items is not None else max(1, keep.numel())), outputs
 
