@@ -11,10 +11,7 @@ from core.schema.evaluation import EvaluationConfig
 from evaluate.job import run_evaluation
 from evaluate.readers import SUITES_DIR
 
-pytestmark = pytest.mark.integration
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _register_identity_version(smollm2, tmp_path: Path) -> str:

@@ -12,8 +12,8 @@ from finetune.prepare import IGNORE, prepare, show
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2):
-    return load_tokenizer(smollm2)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -157,8 +157,10 @@ CHATS = [
 
 
 @pytest.fixture
-def strict_tokenizer(smollm2):
-    tok = load_tokenizer(smollm2)
+def strict_tokenizer(smollm2_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
     tok.chat_template = STRICT_TEMPLATE
     return tok
 
