@@ -1,12 +1,14 @@
 """The fine-tune job file: one schema, sections by concern."""
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from core.schema.base import Section
 from core.schema.data import DataConfig
 from core.schema.evaluation import EvaluationConfig
 from core.schema.lora import LoraConfig
 from core.schema.model import ModelConfig
+from core.schema.sweep import SweepConfig
 from core.schema.tracking import RegistryConfig, TrackingConfig
 from core.schema.training import TrainingConfig
 
@@ -21,3 +23,18 @@ class JobConfig(Section):
     evaluation: EvaluationConfig | None = Field(
         None, description="Evaluation and gates; when present they run after training."
     )
+    sweep: SweepConfig | None = Field(
+        None, description="Hyperparameter search (`tuneops sweep`): keys to vary, objective, trials, pruner, storage."
+    )
+
+    @model_validator(mode="after")
+    def _sweep_needs_held_out_data(self) -> "JobConfig":
+        if self.sweep is None or self.data.validation_split > 0 or self.data.validation_path is not None:
+            return self
+        problem = PydanticCustomError(
+            "sweep_validation",
+            "a sweep measures {objective} on held-out data: set this above 0, or set data.validation_path",
+            {"objective": self.sweep.objective},
+        )
+        where = InitErrorDetails(type=problem, loc=("data", "validation_split"), input=self.data.validation_split)
+        raise ValidationError.from_exception_data(type(self).__name__, [where])
