@@ -41,6 +41,16 @@ class JobResult:
     tracking_uri: str
 
 
+class StopRun(Exception):
+    """Raised by a Trainer callback to end a run on purpose: the run is ended with `status` and tagged with
+    `tags` (a pruned search trial ends KILLED and says so), registers nothing, and the exception propagates."""
+
+    def __init__(self, message: str, status: str = "KILLED", tags: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.tags = tags or {}
+
+
 @dataclass
 class Checked:
     """What validation found, reused by the job so nothing is resolved twice."""
@@ -86,7 +96,9 @@ def _params(cfg: JobConfig) -> dict[str, str]:
     return out
 
 
-def _start_run(client: Any, cfg: JobConfig, job_name: str, resume: bool) -> tuple[str, str]:
+def _start_run(
+    client: Any, cfg: JobConfig, job_name: str, resume: bool, tags: dict[str, str] | None = None
+) -> tuple[str, str]:
     """Create the run, or reopen the one a resumed job started."""
     import mlflow
 
@@ -99,7 +111,7 @@ def _start_run(client: Any, cfg: JobConfig, job_name: str, resume: bool) -> tupl
         return run.info.run_id, run.info.experiment_id
     experiment = mlflow.set_experiment(cfg.tracking.experiment)
     name = cfg.tracking.run_name or f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name)
+    run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name, tags=tags)
     run_file.write_text(json.dumps({"run_id": run.info.run_id}))
     return run.info.run_id, run.info.experiment_id
 
@@ -137,8 +149,21 @@ def _log_inputs(cfg: JobConfig, job_name: str, checked: Checked) -> None:
         mlflow.log_input(dataset, context=split)
 
 
-def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checked | None = None) -> JobResult:
-    """Train one job; returns the run and the registered version."""
+def run_job(
+    cfg: JobConfig,
+    job_name: str,
+    resume: bool = False,
+    checked: Checked | None = None,
+    *,
+    callbacks: list[Any] | None = None,
+    parent_run_id: str | None = None,
+    run_tags: dict[str, str] | None = None,
+) -> JobResult:
+    """Train one job; returns the run and the registered version.
+
+    callbacks: extra Trainer callbacks (one may raise StopRun). parent_run_id: start the run as a child of
+    that run (a search trial under its study's run). run_tags: tags set when the run starts.
+    """
     import mlflow
 
     from core.pyfunc import publish_version, write_bundle
@@ -156,7 +181,8 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
         signal.signal(signal.SIGTERM, _interrupt)  # a stopped job is marked KILLED, not left RUNNING
     run_id, experiment_id = ("", "")
     if main:
-        run_id, experiment_id = _start_run(client, cfg, job_name, resume)
+        parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run_id, experiment_id = _start_run(client, cfg, job_name, resume, {**(run_tags or {}), **parent})
     try:
         if main and not resume:
             _log_inputs(cfg, job_name, checked)
@@ -168,7 +194,7 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
         model = attach_lora(base, cfg)
         trainable, total = model.get_nb_trainable_parameters()
         log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
-        callbacks = [Throughput(), Progress()] + ([MlflowMetrics(client, run_id)] if main else [])
+        own = [Throughput(), Progress()] + ([MlflowMetrics(client, run_id)] if main else [])
         trainer = make_trainer(
             cfg,
             model,
@@ -178,7 +204,7 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
             cfg.training.output_dir / "checkpoints",
             device,
             dtype,
-            callbacks,
+            own + (callbacks or []),
         )
         log.info("training on %d process(es)", trainer.args.world_size)
         if main:
@@ -215,6 +241,11 @@ def run_job(cfg: JobConfig, job_name: str, resume: bool = False, checked: Checke
                 log.info("registered %s version %s", cfg.registry.model_name, version)
             mlflow.end_run("FINISHED")
         return JobResult(run_id, experiment_id, cfg.registry.model_name, version, metrics, mlflow.get_tracking_uri())
+    except StopRun as stop:
+        if main:
+            mlflow.set_tags(stop.tags)
+            mlflow.end_run(stop.status)
+        raise
     except KeyboardInterrupt:
         if main:
             mlflow.end_run("KILLED")
