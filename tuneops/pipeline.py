@@ -17,6 +17,7 @@ from core.schema.job import JobConfig
 from finetune.job import JobResult, run_job
 
 if TYPE_CHECKING:
+    from core.schema.evaluation import EvaluationConfig
     from evaluate.verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -30,29 +31,45 @@ class PipelineResult:
     promoted: bool
 
 
-def train_and_evaluate(cfg: JobConfig, job_name: str, resume: bool = False) -> tuple[JobResult, Verdict | None]:
-    """Train, then evaluate the new version when the job asks for it; gates are parsed before training."""
+def evaluation_to_run(cfg: JobConfig) -> EvaluationConfig | None:
+    """The evaluation a new version gets, with its gates parsed now: an unknown metric fails before training."""
     from evaluate.gates import parse_gates
-    from evaluate.job import run_evaluation
 
     evaluation = cfg.evaluation if cfg.evaluation is not None and cfg.evaluation.on_train else None
     if evaluation is not None:
-        parse_gates(evaluation)  # a gate naming an unknown metric fails now, not after an hour of training
-    job = run_job(cfg, job_name, resume=resume)
+        parse_gates(evaluation)
+    return evaluation
+
+
+def evaluate_version(cfg: JobConfig, job: JobResult, evaluation: EvaluationConfig | None) -> Verdict | None:
+    """Evaluate the version a job registered (None when it registered none or has nothing to evaluate)."""
+    from evaluate.job import run_evaluation
+
     if evaluation is None or job.version is None:
-        return job, None
-    verdict = run_evaluation(
+        return None
+    return run_evaluation(
         f"{job.model_name}/{job.version}",
         evaluation,
         tracking_uri=cfg.tracking.tracking_uri,
         device=cfg.model.device,
         dtype=cfg.model.dtype,
     )
-    return job, verdict
+
+
+def train_and_evaluate(cfg: JobConfig, job_name: str, resume: bool = False) -> tuple[JobResult, Verdict | None]:
+    """Train, then evaluate the new version when the job asks for it; gates are parsed before training."""
+    evaluation = evaluation_to_run(cfg)
+    job = run_job(cfg, job_name, resume=resume)
+    return job, evaluate_version(cfg, job, evaluation)
 
 
 def run_pipeline(cfg: JobConfig, job_name: str, resume: bool = False) -> PipelineResult:
     job, verdict = train_and_evaluate(cfg, job_name, resume)
+    return promote_version(cfg, job_name, job, verdict)
+
+
+def promote_version(cfg: JobConfig, job_name: str, job: JobResult, verdict: Verdict | None) -> PipelineResult:
+    """Gate -> `candidate` -> promote: the pipeline's steps after evaluation, for any job's new version."""
     if not job.run_id:
         return PipelineResult(job, None, False, False)  # a non-main process of a distributed job
     if job.version is None or verdict is None:
