@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -27,7 +29,7 @@ from core.schema.job import JobConfig
 from finetune.prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
-RUN_FILE = "tuneops-run.json"
+RUN_FILE = "tuneops-run.json"  # in output_dir/<job name>/: the job's last run, for --resume
 PARAM_LIMIT = 6000
 
 
@@ -39,6 +41,7 @@ class JobResult:
     version: str | None
     metrics: dict[str, float]
     tracking_uri: str
+    bundle: Path | None = None  # the run's final adapter, manifest and tokenizer (main process only)
 
 
 class StopRun(Exception):
@@ -96,24 +99,71 @@ def _params(cfg: JobConfig) -> dict[str, str]:
     return out
 
 
+def job_dir(cfg: JobConfig, job_name: str) -> Path:
+    """Where one job keeps its runs: jobs sharing an output folder never share checkpoints."""
+    return cfg.training.output_dir / (re.sub(r"[^A-Za-z0-9_.-]", "_", job_name) or "job")
+
+
+def run_dir(cfg: JobConfig, job_name: str, run_key: str) -> Path:
+    """One run's checkpoints and final bundle."""
+    return job_dir(cfg, job_name) / "runs" / run_key
+
+
+def last_run(cfg: JobConfig, job_name: str) -> dict[str, str]:
+    """The run --resume continues: the job's last run, refused when it was trained with another config."""
+    run_file = job_dir(cfg, job_name) / RUN_FILE
+    if not run_file.is_file():
+        raise ConfigError([f"--resume: {run_file} not found; nothing to resume for job '{job_name}'"])
+    try:
+        last = json.loads(run_file.read_text())
+        recorded = (str(last["run_id"]), str(last["config_hash"]))
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError([f"--resume: {run_file} is not a tuneops run record"]) from None
+    if recorded[1] != config_hash(cfg):
+        raise ConfigError(
+            [
+                f"--resume: the last run of job '{job_name}' ({recorded[0]}) was trained with config hash "
+                f"{recorded[1]}, but this job resolves to {config_hash(cfg)}; resume with the same config and "
+                "overrides, or start a new run without --resume"
+            ]
+        )
+    return last
+
+
 def _start_run(
     client: Any, cfg: JobConfig, job_name: str, resume: bool, tags: dict[str, str] | None = None
 ) -> tuple[str, str]:
-    """Create the run, or reopen the one a resumed job started."""
+    """Create the run and record it as the job's last, or reopen the one a resumed job started."""
     import mlflow
 
-    run_file = cfg.training.output_dir / RUN_FILE
     if resume:
-        if not run_file.is_file():
-            raise ConfigError([f"--resume: {run_file} not found; nothing to resume in training.output_dir"])
-        run_id = json.loads(run_file.read_text())["run_id"]
-        run = mlflow.start_run(run_id=run_id)
+        run = mlflow.start_run(run_id=last_run(cfg, job_name)["run_id"])
         return run.info.run_id, run.info.experiment_id
     experiment = mlflow.set_experiment(cfg.tracking.experiment)
     name = cfg.tracking.run_name or f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = mlflow.start_run(experiment_id=experiment.experiment_id, run_name=name, tags=tags)
-    run_file.write_text(json.dumps({"run_id": run.info.run_id}))
+    folder = job_dir(cfg, job_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"run_id": run.info.run_id, "config_hash": config_hash(cfg)}
+    tmp = folder / f".{RUN_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(folder / RUN_FILE)
     return run.info.run_id, run.info.experiment_id
+
+
+def _shared_run_key(main: bool, run_id: str, resume: bool, cfg: JobConfig, job_name: str) -> str:
+    """The run folder's name, the same in every process of a distributed job (the main process decides)."""
+    if resume:
+        return last_run(cfg, job_name)["run_id"]
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return run_id
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState()  # joins the process group the Trainer will use
+    key = [run_id if main else ""]
+    broadcast_object_list(key, from_process=0)
+    return str(key[0])
 
 
 def _log_inputs(cfg: JobConfig, job_name: str, checked: Checked) -> None:
@@ -184,6 +234,7 @@ def run_job(
         parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         run_id, experiment_id = _start_run(client, cfg, job_name, resume, {**(run_tags or {}), **parent})
     try:
+        folder = run_dir(cfg, job_name, _shared_run_key(main, run_id, resume, cfg, job_name))
         if main and not resume:
             _log_inputs(cfg, job_name, checked)
         log.info("loading %s on %s in %s", checked.base.name, device, dtype_name(dtype))
@@ -201,7 +252,7 @@ def run_job(
             checked.tokenizer,
             checked.data.train,
             checked.data.validation,
-            cfg.training.output_dir / "checkpoints",
+            folder / "checkpoints",
             device,
             dtype,
             own + (callbacks or []),
@@ -228,7 +279,7 @@ def run_job(
                 libraries=library_versions(),
                 git_commit=git_commit(),
             )
-            bundle = write_bundle(cfg.training.output_dir / "final", trainer.model, checked.tokenizer, manifest)
+            bundle = write_bundle(folder / "final", trainer.model, checked.tokenizer, manifest)
             mlflow.log_artifacts(str(bundle / "adapter"), "adapter")
             mlflow.log_text(manifest.to_json(), "manifest.json")
             if cfg.registry.register_version:
@@ -240,7 +291,15 @@ def run_job(
                 version = str(publish_version(bundle, cfg.registry.model_name, tags=tags).version)
                 log.info("registered %s version %s", cfg.registry.model_name, version)
             mlflow.end_run("FINISHED")
-        return JobResult(run_id, experiment_id, cfg.registry.model_name, version, metrics, mlflow.get_tracking_uri())
+        return JobResult(
+            run_id,
+            experiment_id,
+            cfg.registry.model_name,
+            version,
+            metrics,
+            mlflow.get_tracking_uri(),
+            folder / "final" if main else None,
+        )
     except StopRun as stop:
         if main:
             mlflow.set_tags(stop.tags)

@@ -10,7 +10,7 @@ import yaml
 from core.config import load_config
 from core.registry import connect
 from core.schema.job import JobConfig
-from finetune.job import run_job
+from finetune.job import RUN_FILE, job_dir, run_job
 
 
 def job(tmp_path: Path, tiny_base: Path, uri: str, **sections) -> JobConfig:
@@ -127,7 +127,7 @@ def test_interrupted_run_is_marked_and_resume_continues_it_exactly(tmp_path, tin
     with pytest.raises(KeyboardInterrupt):
         run_job(cfg, "cut")
     client = connect(mlflow_store)
-    run_id = json.loads((cfg.training.output_dir / "tuneops-run.json").read_text())["run_id"]
+    run_id = json.loads((job_dir(cfg, "cut") / RUN_FILE).read_text())["run_id"]
     assert client.get_run(run_id).info.status == "KILLED"
     assert client.search_model_versions(f"run_id = '{run_id}'") == []
 
@@ -155,6 +155,36 @@ def test_failed_run_is_marked_and_registers_nothing(tmp_path, tiny_base, mlflow_
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert client.search_registered_models() == []
+
+
+def test_each_run_keeps_its_own_checkpoints_and_jobs_sharing_a_folder_stay_apart(tmp_path, tiny_base, mlflow_store):
+    cfg = job(tmp_path, tiny_base, mlflow_store, training={"max_steps": 2})
+    first, second = run_job(cfg, "faq"), run_job(cfg, "faq")
+    other = run_job(cfg, "other")
+    out = cfg.training.output_dir
+    assert sorted(p.name for p in (out / "faq" / "runs").iterdir()) == sorted([first.run_id, second.run_id])
+    assert [p.name for p in (out / "other" / "runs").iterdir()] == [other.run_id]
+    for result, name in ((first, "faq"), (second, "faq"), (other, "other")):
+        assert list((out / name / "runs" / result.run_id / "checkpoints").glob("checkpoint-*"))
+        assert result.bundle == out / name / "runs" / result.run_id / "final"
+    # --resume continues each job's own last run
+    assert json.loads((out / "faq" / RUN_FILE).read_text())["run_id"] == second.run_id
+    assert json.loads((out / "other" / RUN_FILE).read_text())["run_id"] == other.run_id
+
+
+def test_resume_refuses_a_run_trained_with_another_config(tmp_path, tiny_base, mlflow_store):
+    from core.config import config_hash
+    from core.errors import ConfigError
+
+    cfg = job(tmp_path, tiny_base, mlflow_store)
+    folder = job_dir(cfg, "faq")
+    folder.mkdir(parents=True)
+    (folder / RUN_FILE).write_text(json.dumps({"run_id": "a" * 32, "config_hash": "0123456789abcdef"}))
+    with pytest.raises(ConfigError, match=f"config hash 0123456789abcdef, but this job resolves to {config_hash(cfg)}"):
+        run_job(cfg, "faq", resume=True)
+    client = connect(mlflow_store)
+    experiment = client.get_experiment_by_name("t")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
 
 
 def test_resume_without_a_previous_run_is_an_error(tmp_path, tiny_base, mlflow_store):
@@ -190,10 +220,10 @@ def test_a_job_stopped_by_sigterm_is_marked_killed_and_registers_nothing(tmp_pat
     cfg = job(tmp_path, tiny_base, mlflow_store, training={"max_steps": 400, "save_steps": 400, "eval_steps": 400})
     cmd = [sys.executable, "-m", "tuneops", "train", str(tmp_path / "job.yaml")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ})
-    run_file = cfg.training.output_dir / "tuneops-run.json"
+    run_file = job_dir(cfg, "job") / RUN_FILE
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if run_file.exists() and list(cfg.training.output_dir.glob("checkpoints")):
+        if run_file.exists() and list(job_dir(cfg, "job").glob("runs/*/checkpoints")):
             break
         time.sleep(0.5)
     time.sleep(3)  # let the Trainer take a few steps
