@@ -7,7 +7,11 @@ from core.schema.base import Section
 
 
 class TrainingConfig(Section):
-    output_dir: Path = Field(Path("outputs"), description="Folder for checkpoints and the final adapter.")
+    output_dir: Path = Field(
+        Path("outputs"),
+        description="Folder of every job's runs: OUTPUT_DIR/JOB/runs/RUN_ID holds one run's checkpoints and final "
+        "adapter, so jobs sharing the folder never share checkpoints.",
+    )
     epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 uses epochs.")
     batch_size: int = Field(8, ge=1, description="Examples per device per micro-batch (packed into one row).")
