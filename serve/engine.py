@@ -8,6 +8,11 @@ is the compact alternative: a background thread runs a decode loop over a left-p
 (`KVBatch`); between steps finished or abandoned rows leave and queued requests are prefilled together and
 join. Each row names its adapter; a batch whose rows all use one adapter runs without the per-row split.
 It runs on CPU (bf16 where `core.device` chooses it) and CUDA alike.
+
+One request can never fail or change another: its parameters are checked on submission, sampling cannot
+raise for any parameter value, a row whose adapter yields non-finite logits fails alone, a prefill that
+raises fails only its own requests (each retried alone first), and a prefill step pads at most
+`max_prefill_tokens` tokens (one longer prompt runs alone), so a long prompt delays the running rows once.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from typing import Any
 import torch
 
 from serve.detokenizer import Detokenizer
-from serve.errors import APIError, EngineFailure, NotReady, QueueFull, QueueTimeout
+from serve.errors import APIError, EngineFailure, InvalidRequest, NotReady, QueueFull, QueueTimeout
 from serve.kv_batch import KVBatch
 from serve.metrics import Metrics
-from serve.sampling import BROKEN, make_generator, sample
+from serve.sampling import BROKEN, is_greedy, make_generator, sample
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +102,27 @@ class Row:
 class Engine:
     """Owns the model on its own thread; requests arrive through `submit`, everything else through `call`."""
 
-    def __init__(self, *, max_batch: int, max_queue: int, queue_timeout_s: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        max_queue: int,
+        queue_timeout_s: float,
+        metrics: Metrics,
+        max_prefill_tokens: int = 4096,
+    ) -> None:
         self.base: Any = None
         self.model: Any = None  # the PeftModel, created with the first adapter
         self.tokenizer: Any = None
+        self.vocab_size: int | None = None  # rows of the input embedding: the valid prompt token ids
         self.device = torch.device("cpu")
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
+        self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics
+        # Decode steps by the number of distinct adapters in them: 2 or more shows versions sharing a batch.
+        self.decode_steps_by_adapters: collections.Counter[int] = collections.Counter()
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -137,6 +154,7 @@ class Engine:
 
     def load_base(self, base: Any, tokenizer: Any, device: torch.device) -> None:
         self.base, self.tokenizer, self.device = base, tokenizer, device
+        self.vocab_size = int(base.get_input_embeddings().num_embeddings)
 
     def add_adapter(self, name: str, path: Path) -> None:
         from peft import PeftModel
@@ -153,7 +171,9 @@ class Engine:
         """Unload an adapter nothing uses; the last one stays (it holds the PeftModel)."""
         if self.model is None or name not in self.model.peft_config or len(self.model.peft_config) == 1:
             return False
-        if any(r.job.adapter == name for r in self._rows) or any(j.adapter == name for j in self._waiting):
+        with self._cv:  # submissions append to the queue from other threads
+            queued = any(j.adapter == name for j in self._waiting)
+        if queued or any(r.job.adapter == name for r in self._rows):
             return False
         self.model.delete_adapter(name)
         self._active = None
@@ -171,6 +191,7 @@ class Engine:
         self._thread.join(timeout)
 
     def submit(self, job: Job, retry_after_s: int) -> None:
+        self._check(job)
         with self._cv:
             if not self.accepting or self._stopping:
                 raise NotReady("the gateway is shutting down")
@@ -181,6 +202,19 @@ class Engine:
 
     def _busy_rows(self) -> int:
         return len(self._rows) + sum(j.params.n for j in self._waiting)
+
+    def _check(self, job: Job) -> None:
+        """Refuse a job that could never run or would break its batch (the API checks these first)."""
+        params = job.params
+        if not 1 <= params.n <= self.max_batch:
+            raise InvalidRequest(f"'n' must be between 1 and {self.max_batch} (the batch size).", param="n")
+        if params.max_tokens < 1:
+            raise InvalidRequest("'max_tokens' must be at least 1.", param="max_tokens")
+        if not job.prompt_ids:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
+        vocab = self.vocab_size
+        if vocab is not None and (min(job.prompt_ids) < 0 or max(job.prompt_ids) >= vocab):
+            raise InvalidRequest("The prompt holds a token id outside the vocabulary.", param="prompt")
 
     # the loop -------------------------------------------------------------------------------------
 
@@ -193,19 +227,22 @@ class Engine:
                     break
                 calls = list(self._calls)
                 self._calls.clear()
-                self._expire()
-                joiners = self._admit() if self.model is not None else []
+            # Calls run before admission: a call that unloads an adapter sees every job that will use it
+            # (queued or running), and admission then sees every adapter the calls removed.
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except BaseException as exc:  # reported to the caller, who decides
                         future.set_exception(exc)
+            with self._cv:
+                self._expire()
+                joiners = self._admit() if self.model is not None else []
             try:
                 with torch.inference_mode():
                     self._drop_cancelled()
                     if joiners:
-                        self._prefill(joiners)
+                        self._join(joiners)
                     if self._rows:
                         self._decode()
             except Exception as exc:  # a failed step fails its rows, never the gateway
@@ -214,7 +251,7 @@ class Engine:
                 failed = {id(r.job): r.job for r in self._rows}
                 failed.update({id(j): j for j in joiners})
                 for job in failed.values():
-                    self._fail(job, error)
+                    self._abort(job, error)
                 self._rows, self._batch = [], None
         for _fn, future in self._calls:
             future.cancel()
@@ -225,7 +262,21 @@ class Engine:
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.metrics.request_errors.labels(*job.labels, error.code or error.type).inc()
-        job.sink(Failed(error))
+        self._send(job, Failed(error))
+
+    def _abort(self, job: Job, error: APIError) -> None:
+        """Fail a job still in the batch; its other choices leave at the next step (a gone client: no event)."""
+        if not job.cancelled:
+            job.cancelled = True
+            self._fail(job, error)
+
+    def _send(self, job: Job, event: Event) -> None:
+        """Deliver one event; a sink that raises takes only its own job out of the batch."""
+        try:
+            job.sink(event)
+        except Exception:
+            log.exception("an event could not be delivered; the request leaves the batch")
+            job.cancelled = True
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -235,17 +286,29 @@ class Engine:
                 self._fail(job, QueueTimeout(self.queue_timeout_s))
 
     def _admit(self) -> list[Job]:
+        """The next prefill group: queued jobs in arrival order while their rows fit the batch and their
+        prompts, padded to the longest, fit `max_prefill_tokens` (a longer prompt is admitted alone)."""
         joiners: list[Job] = []
         rows = len(self._rows)
-        while self._waiting and rows + self._waiting[0].params.n <= self.max_batch:
-            job = self._waiting.popleft()
+        width = 0
+        while self._waiting:
+            job = self._waiting[0]
             if job.cancelled:
+                self._waiting.popleft()
                 continue
             if job.adapter not in self.model.peft_config:  # unloaded between lookup and submit
+                self._waiting.popleft()
                 self._fail(job, NotReady("The requested version was just unloaded; retry.", retry_after_s=1))
                 continue
+            padded = max(width, len(job.prompt_ids))
+            if rows + job.params.n > self.max_batch or (
+                joiners and padded * (len(joiners) + 1) > self.max_prefill_tokens
+            ):
+                break
+            self._waiting.popleft()
             joiners.append(job)
             rows += job.params.n
+            width = padded
         return joiners
 
     def _drop_cancelled(self) -> None:
@@ -295,10 +358,26 @@ class Engine:
             self._cache_name = "cache" if "cache" in params else "past_key_values"
         return self._cache_name
 
-    def _prefill(self, jobs: list[Job]) -> None:
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` and add their rows. A prefill that raises leaves the running batch as it was and
+        fails only its own jobs; several are retried one by one first, so only the culprit fails."""
+        try:
+            new, logits = self._prefill(jobs)
+        except Exception as exc:
+            if len(jobs) > 1:
+                log.warning("a prefill of %d requests failed (%s); retrying each alone", len(jobs), exc)
+                for job in jobs:
+                    self._join([job])
+                return
+            log.exception("prefill failed")
+            self._abort(jobs[0], EngineFailure(f"generation failed: {type(exc).__name__}"))
+            return
+        self._add_rows(jobs, new, logits)
+
+    def _prefill(self, jobs: list[Job]) -> tuple[KVBatch, torch.Tensor]:
+        """The jobs' prompts through the model: their cache (one row per choice) and next-token logits."""
         from transformers import DynamicCache
 
-        now = time.monotonic()
         width = max(len(j.prompt_ids) for j in jobs)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
@@ -307,19 +386,22 @@ class Engine:
         )
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
-        for job in jobs:
-            self.metrics.request_queue_time.labels(*job.labels).observe(now - job.arrived)
-            self.metrics.prompt_tokens.labels(*job.labels).inc(len(job.prompt_ids))
         logits = self._forward(ids, mask, positions, cache, [j.adapter for j in jobs], logits_to_keep=1)
         expand = [i for i, j in enumerate(jobs) for _ in range(j.params.n)]
         new = KVBatch(cache, mask).select(expand) if expand != list(range(len(jobs))) else KVBatch(cache, mask)
-        logits = logits.index_select(0, torch.tensor(expand, device=logits.device))
+        return new, logits.index_select(0, torch.tensor(expand, device=logits.device))
+
+    def _add_rows(self, jobs: list[Job], new: KVBatch, logits: torch.Tensor) -> None:
+        now = time.monotonic()
         rows = []
         for job in jobs:
-            for k in range(job.params.n):
-                seed = None if job.params.seed is None else job.params.seed + k
-                gen = make_generator(seed, logits.device) if job.params.temperature > 0 else None
-                rows.append(Row(job, job.choice_offset + k, Detokenizer(self.tokenizer, list(job.params.stop)), gen))
+            self.metrics.request_queue_time.labels(*job.labels).observe(now - job.arrived)
+            self.metrics.prompt_tokens.labels(*job.labels).inc(len(job.prompt_ids))
+            params = job.params
+            for k in range(params.n):
+                seed = None if params.seed is None else params.seed + k
+                gen = None if is_greedy(params.temperature) else make_generator(seed, logits.device)
+                rows.append(Row(job, job.choice_offset + k, Detokenizer(self.tokenizer, list(params.stop)), gen))
         self._batch = new if self._batch is None else KVBatch.concat(self._batch, new)
         first = len(self._rows)
         self._rows.extend(rows)
@@ -331,11 +413,16 @@ class Engine:
         ids = torch.tensor([[r.last] for r in self._rows], device=self.device)
         positions = batch.positions()
         mask = batch.grow_mask()
-        logits = self._forward(ids, mask, positions, batch.cache, [r.job.adapter for r in self._rows])
+        adapters = [r.job.adapter for r in self._rows]
+        self.decode_steps_by_adapters[len(set(adapters))] += 1
+        logits = self._forward(ids, mask, positions, batch.cache, adapters)
         self._emit(logits, list(range(len(self._rows))))
 
     def _emit(self, logits: torch.Tensor, which: list[int]) -> None:
-        """Sample the next token of rows `which` (logits row i belongs to row which[i]), stream and finish."""
+        """Sample the next token of rows `which` (logits row i belongs to row which[i]), stream and finish.
+
+        Each row is handled on its own: a row that goes wrong fails its own job, never the step.
+        """
         rows = [self._rows[i] for i in which]
         tokens = sample(
             logits,
@@ -345,45 +432,52 @@ class Engine:
         )
         now = time.monotonic()
         done: set[int] = set()
-        for pos, (row, token) in zip(which, zip(rows, tokens, strict=True), strict=True):
-            job = row.job
-            labels = job.labels
-            if token == BROKEN:
-                if not job.cancelled:
-                    job.cancelled = True  # its other choices leave the batch too
-                    self._fail(job, EngineFailure("the model produced non-finite logits"))
+        for pos, row, token in zip(which, rows, tokens, strict=True):
+            try:
+                self._advance(pos, row, token, now, done)
+            except Exception as exc:
+                log.exception("a row failed; its request fails alone")
+                self._abort(row.job, EngineFailure(f"generation failed: {type(exc).__name__}"))
                 done.add(pos)
-                continue
-            if job.cancelled:
-                self.metrics.generation_tokens.labels(*labels).inc(row.count)
-                done.add(pos)
-                continue
-            if row.count == 0:
-                if job.first_token_at is None:
-                    job.first_token_at = now
-                    self.metrics.time_to_first_token.labels(*labels).observe(now - job.arrived)
-            else:
-                self.metrics.inter_token_latency.labels(*labels).observe(now - row.last_at)
-            row.last_at = now
-            row.last = token
-            row.count += 1
-            reason = None
-            if token in job.eos_ids:
-                reason = "stop"
-            else:
-                text, stopped = row.detok.add(token)
-                if text:
-                    job.sink(TextDelta(row.index, text))
-                if stopped:
-                    reason = "stop"
-                elif row.count >= job.params.max_tokens:
-                    reason = "length"
-            if reason is not None:
-                done.add(pos)
-                self.metrics.generation_tokens.labels(*labels).inc(row.count)
-                job.sink(Finished(row.index, reason, row.count, row.detok.flush()))
-                if all(r.job is not job or i in done for i, r in enumerate(self._rows)):
-                    self.metrics.request_success.labels(*labels, reason).inc()
-                    self.metrics.e2e_request_latency.labels(*labels).observe(now - job.arrived)
         if done:
             self._retain([i for i in range(len(self._rows)) if i not in done])
+
+    def _advance(self, pos: int, row: Row, token: int, now: float, done: set[int]) -> None:
+        """Row `pos` takes `token`: stream its text, and add `pos` to `done` when the row leaves the batch."""
+        job = row.job
+        labels = job.labels
+        if token == BROKEN:
+            self._abort(job, EngineFailure("the model produced non-finite logits"))  # its other choices leave too
+            done.add(pos)
+            return
+        if job.cancelled:
+            self.metrics.generation_tokens.labels(*labels).inc(row.count)
+            done.add(pos)
+            return
+        if row.count == 0:
+            if job.first_token_at is None:
+                job.first_token_at = now
+                self.metrics.time_to_first_token.labels(*labels).observe(now - job.arrived)
+        else:
+            self.metrics.inter_token_latency.labels(*labels).observe(now - row.last_at)
+        row.last_at = now
+        row.last = token
+        row.count += 1
+        reason = None
+        if token in job.eos_ids:
+            reason = "stop"
+        else:
+            text, stopped = row.detok.add(token)
+            if text:
+                self._send(job, TextDelta(row.index, text))
+            if stopped:
+                reason = "stop"
+            elif row.count >= job.params.max_tokens:
+                reason = "length"
+        if reason is not None:
+            done.add(pos)
+            self.metrics.generation_tokens.labels(*labels).inc(row.count)
+            self._send(job, Finished(row.index, reason, row.count, row.detok.flush()))
+            if all(r.job is not job or i in done for i, r in enumerate(self._rows)):
+                self.metrics.request_success.labels(*labels, reason).inc()
+                self.metrics.e2e_request_latency.labels(*labels).observe(now - job.arrived)

@@ -51,6 +51,13 @@ class Limits(BaseModel):
     default_max_tokens: int = Field(
         256, ge=1, description="max_tokens when a request sets none (capped by the context window)."
     )
+    max_prefill_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Padded prompt tokens one prefill step may process (prompts joining together are padded to "
+        "the longest); queued requests beyond it join at later steps, a longer prompt alone. Bounds how long "
+        "one step of prompts holds up the running requests.",
+    )
     max_n: int = Field(4, ge=1, description="Largest n (choices per prompt).")
     max_stop: int = Field(4, ge=0, description="Most stop strings per request.")
     max_prompts: int = Field(8, ge=1, description="Most prompts in one /v1/completions request.")

@@ -95,23 +95,40 @@ def test_models_lists_versions_and_aliases_with_their_base(gateway, tiny_base):
 
 
 def test_mixed_adapters_share_a_batch_and_each_answers_as_alone(gateway):
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    client = gateway.client()
+    from test_serve_support import wait_for
 
-    def ask(model):
+    client = gateway.client()
+    engine = gateway.gateway.engine
+
+    def ask(model, temperature=0.0):
         return (
-            client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0)
+            client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=temperature)
             .choices[0]
             .message.content
         )
 
     alone = {m: ask(m) for m in ("tiny-model/1", "tiny-model/2")}
     assert alone["tiny-model/1"] != alone["tiny-model/2"]
-    with ThreadPoolExecutor(6) as pool:
-        models = ["tiny-model/1", "tiny-model/2"] * 3
-        together = list(pool.map(ask, models))
-    assert together == [alone[m] for m in models]
+    models = ["tiny-model/1", "tiny-model/2"] * 3
+    mixed_steps = engine.decode_steps_by_adapters[2]
+    entered, release = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(7) as pool:
+        # The engine waits inside a call until every request is queued, so all of them join one batch.
+        hold = engine.call(lambda: entered.set() or release.wait(30))
+        assert entered.wait(30)
+        try:
+            futures = [pool.submit(ask, m) for m in models]
+            futures.append(pool.submit(ask, "tiny-model/1", 1e-38))  # a temperature this small is greedy
+            wait_for(lambda: gateway.metric("tuneops:num_requests_waiting") == 7, "every request to be queued")
+        finally:
+            release.set()
+            hold.result(30)
+        together = [f.result() for f in futures]
+    assert together == [alone[m] for m in models] + [alone["tiny-model/1"]]
+    assert engine.decode_steps_by_adapters[2] > mixed_steps  # both versions ran in the same decode steps
     assert gateway.metric("tuneops:adapter_loads_total", outcome="success") == 2
 
 
