@@ -33,6 +33,7 @@ class Gateway:
             max_queue=limits.max_queue,
             queue_timeout_s=limits.queue_timeout_s,
             metrics=self.metrics,
+            max_prefill_tokens=limits.max_prefill_tokens,
         )
         self.directory = VersionDirectory(settings, self.engine, self.metrics, workdir)
         self.chat = OpenAIServingChat(self.engine, self.directory, limits, settings.log_prompts)
