@@ -19,6 +19,7 @@ holds everywhere:
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,10 +113,15 @@ class OpenedVersion:
         """
         from peft import PeftModel
 
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(self.adapter_path), adapter_name=adapter_name)
-            return model
-        return PeftModel.from_pretrained(model, self.adapter_path, adapter_name=adapter_name)
+        with warnings.catch_warnings():
+            # peft reads the model's deprecated `is_gradient_checkpointing` property itself; nothing to change here.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(self.adapter_path), adapter_name=adapter_name)
+                return model
+            return PeftModel.from_pretrained(model, self.adapter_path, adapter_name=adapter_name)
 
 
 def open_version(client: MlflowClient, ref: VersionRef | str, dest: Path) -> OpenedVersion:
