@@ -1,76 +1,92 @@
 """OpenAI request and response bodies (pydantic), kept apart from the logic that serves them.
 
 Requests forbid unknown fields, and fields OpenAI defines but this server cannot honour are declared so the
-check in `serving.py` can refuse them by name (400) instead of dropping them silently.
+check in `serving.py` can refuse them by name (400) instead of dropping them silently. Every number has the
+range OpenAI accepts and must be finite, so no value that reaches the engine can break a batch.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # a seed is a 64-bit signed integer, as in OpenAI and vLLM
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
-    include_obfuscation: bool | None = None
+    include_usage: bool = Field(False, description="Send a last chunk with the token usage and no choices.")
+    include_obfuscation: bool | None = Field(None, description="Accepted for compatibility; chunks are never padded.")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # e.g. `name`, `tool_calls`: checked in serving.py
 
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        description="Who wrote the message; 'developer' is treated as 'system', tool roles are refused."
+    )
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="The text, or a list of parts of which only text parts are supported."
+    )
+
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
 
 
 class SamplingFields(Strict):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None  # an end-user id for abuse monitoring: accepted, never used
-    # Defined by OpenAI, refused unless neutral (see serving.UNSUPPORTED):
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
-    top_logprobs: int | None = None
-    service_tier: str | None = None
+    model: str = Field(description="NAME, NAME@ALIAS or NAME/VERSION of a served model.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (capped by the server's limit).")
+    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature; 0 is greedy. Default 1.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass. Default 1.")
+    n: int | None = Field(None, ge=1, le=128, description="Choices per prompt (capped by the server's limit).")
+    stop: str | list[str] | None = Field(None, description="Strings that end the text; not included in it.")
+    seed: int | None = Field(
+        None, ge=INT64_MIN, le=INT64_MAX, description="Makes sampling repeatable: a 64-bit signed integer."
+    )
+    stream: bool | None = Field(False, description="Answer as server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="Streaming options; only with stream: true.")
+    user: str | None = Field(None, description="An end-user id for abuse monitoring: accepted, never used.")
+    # Defined by OpenAI, refused unless neutral (see serving.NEUTRAL):
+    frequency_penalty: Penalty | None = Field(None, description="Refused unless 0.")
+    presence_penalty: Penalty | None = Field(None, description="Refused unless 0.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Refused unless empty."
+    )
+    logprobs: Any = Field(None, description="Refused unless off.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Refused unless 0.")
+    service_tier: str | None = Field(None, description="Refused unless 'auto' or 'default'.")
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: Any = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; set one of them.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Refused unless empty.")
+    tool_choice: Any = Field(None, description="Refused unless 'none'.")
+    parallel_tool_calls: bool | None = Field(None, description="Refused when set.")
+    functions: list[dict[str, Any]] | None = Field(None, description="Refused unless empty.")
+    function_call: Any = Field(None, description="Refused unless 'none'.")
+    response_format: dict[str, Any] | None = Field(None, description="Refused unless {'type': 'text'}.")
+    modalities: list[str] | None = Field(None, description="Refused unless ['text'].")
+    audio: dict[str, Any] | None = Field(None, description="Refused when set.")
+    prediction: dict[str, Any] | None = Field(None, description="Refused when set.")
+    reasoning_effort: str | None = Field(None, description="Refused when set.")
+    store: bool | None = Field(None, description="Refused when true.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted, never stored.")
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
-    echo: bool | None = None
-    suffix: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="One or more prompts, as text or token ids."
+    )
+    best_of: int | None = Field(None, ge=1, le=20, description="Refused unless 1.")
+    echo: bool | None = Field(None, description="Refused when true.")
+    suffix: str | None = Field(None, description="Refused unless empty.")
 
 
 class Usage(BaseModel):

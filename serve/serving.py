@@ -2,21 +2,27 @@
 
 Everything a request can get wrong is checked before any work (unsupported parameters, limits, context
 length). A streamed request that fails after its headers were sent ends with an SSE error event. When the
-client goes away, its rows leave the batch at the next step.
+client goes away, its rows leave the batch at the next step. Templating and tokenizing a prompt (about a
+second for a 1 MiB body) run on a small thread pool, never on the event loop, so one huge prompt cannot stall
+other requests or the probes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from core.chat import prompt_ids
+from core.registry import Manifest
 from serve import protocol as p
 from serve.engine import Engine, Event, Failed, Finished, Job, SamplingParams, TextDelta
 from serve.errors import APIError, ContextLengthExceeded, InvalidRequest, Unsupported, sse_event
@@ -24,6 +30,8 @@ from serve.settings import Limits
 from serve.versions import Served, VersionDirectory
 
 log = logging.getLogger(__name__)
+
+PREPARE_THREADS = 4  # per endpoint: requests templated at once, so one huge prompt leaves room for the others
 
 # Fields OpenAI defines that this server cannot honour, with the value(s) that mean "not used".
 NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -70,21 +78,39 @@ class StreamHead:
     include_usage: bool
 
 
+class _NotJSON(ValueError):
+    """A NaN or Infinity literal: Python's json reads them, JSON has no such values."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
 def parse(model: type[p.Strict], raw: bytes) -> Any:
     """Body bytes -> request model; any problem is a 400 naming the offending parameter."""
     from pydantic import ValidationError
 
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (_NotJSON, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    except ValueError:  # int() refuses numbers longer than sys.get_int_max_str_digits()
+        raise InvalidRequest(
+            f"The request body holds a number with more than {sys.get_int_max_str_digits()} digits.",
+            code="invalid_json",
+        ) from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = [str(x) for x in err["loc"] if not str(x).startswith(("str", "list[", "int", "function-"))]
+        # Union members appear in the location as type names ("str", "list[int]"); the field itself never does.
+        loc = [str(x) for i, x in enumerate(err["loc"]) if i == 0 or not _union_tag(str(x))]
         param = ".".join(loc) or None
         if err["type"] == "extra_forbidden":
             raise InvalidRequest(
@@ -95,6 +121,19 @@ def parse(model: type[p.Strict], raw: bytes) -> Any:
                 f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
             ) from None
         raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
+
+
+def _union_tag(part: str) -> bool:
+    return part.startswith(("str", "list[", "int", "function-"))
+
+
+def unicode_text(text: str, param: str) -> str:
+    """`text`, refused when it holds a lone surrogate: JSON can spell one ("\\ud800"), Unicode text cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"'{param}' is not valid Unicode text (it holds a lone surrogate).", param=param) from None
+    return text
 
 
 def refuse_unsupported(req: p.SamplingFields) -> None:
@@ -161,11 +200,44 @@ def chat_messages(req: p.ChatCompletionRequest) -> list[dict[str, str]]:
             content = "".join(texts)
         else:
             content = msg.content or ""
-        out.append({"role": "system" if msg.role == "developer" else msg.role, "content": content})
+        out.append(
+            {
+                "role": "system" if msg.role == "developer" else msg.role,
+                "content": unicode_text(content, f"messages[{i}].content"),
+            }
+        )
     return out
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], manifest: Manifest) -> list[int]:
+    """The conversation through the version's chat template, as token ids (slow for long prompts)."""
+    try:
+        return prompt_ids(tokenizer, messages, manifest.chat_template, manifest.system_prompt)
+    except Exception as exc:  # a template that rejects the conversation (e.g. roles out of order)
+        raise InvalidRequest(
+            f"The messages cannot be rendered with the model's chat template: {exc}", param="messages"
+        ) from None
+
+
+def completion_prompt_ids(tokenizer: Any, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Each prompt as token ids (text is tokenized), all non-empty and inside the vocabulary."""
+    vocab = len(tokenizer)
+    ids = [
+        list(x)
+        if isinstance(x, list)
+        else list(tokenizer(unicode_text(x, "prompt"), add_special_tokens=True)["input_ids"])
+        for x in prompts
+    ]
+    if any(not x for x in ids):
+        raise InvalidRequest("'prompt' must not be empty.", param="prompt")
+    if any(t < 0 or t >= vocab for x in ids for t in x):
+        raise InvalidRequest("'prompt' holds a token id outside the vocabulary.", param="prompt")
+    return ids
+
+
 R = TypeVar("R", bound=p.SamplingFields)
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class OpenAIServing(ABC, Generic[R]):
@@ -183,6 +255,15 @@ class OpenAIServing(ABC, Generic[R]):
         self.directory = directory
         self.limits = limits
         self.log_prompts = log_prompts
+        # Threads start on first use and end when the pool is garbage collected with its gateway.
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix=f"tuneops-{self.id_prefix}")
+
+    async def offload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run CPU-bound request preparation off the event loop (keeping the request id for its log lines)."""
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._prepare_pool, lambda: ctx.run(fn, *args, **kwargs)
+        )
 
     @abstractmethod
     async def prepare(self, req: R) -> PreparedRequest:
@@ -339,13 +420,7 @@ class OpenAIServingChat(OpenAIServing[p.ChatCompletionRequest]):
                 "Set 'max_tokens' or 'max_completion_tokens', not both.", param="max_completion_tokens"
             )
         served = await self.served(req.model)
-        m = served.manifest
-        try:
-            ids = prompt_ids(self.directory.tokenizer, messages, m.chat_template, m.system_prompt)
-        except Exception as exc:  # a template that rejects the conversation (e.g. roles out of order)
-            raise InvalidRequest(
-                f"The messages cannot be rendered with the model's chat template: {exc}", param="messages"
-            ) from None
+        ids = await self.offload(chat_prompt_ids, self.directory.tokenizer, messages, served.manifest)
         params = sampling(
             req,
             self.limits,
@@ -405,12 +480,7 @@ class OpenAIServingCompletion(OpenAIServing[p.CompletionRequest]):
         if len(prompts) > self.limits.max_prompts:
             raise InvalidRequest(f"'prompt' may hold at most {self.limits.max_prompts} prompts.", param="prompt")
         served = await self.served(req.model)
-        tok = self.directory.tokenizer
-        ids = [list(x) if isinstance(x, list) else list(tok(x, add_special_tokens=True)["input_ids"]) for x in prompts]
-        if any(not x for x in ids):
-            raise InvalidRequest("'prompt' must not be empty.", param="prompt")
-        if any(t < 0 or t >= len(tok) for x in ids for t in x):
-            raise InvalidRequest("'prompt' holds a token id outside the vocabulary.", param="prompt")
+        ids = await self.offload(completion_prompt_ids, self.directory.tokenizer, prompts)
         params = sampling(req, self.limits, max(map(len, ids)), self.directory.max_model_len, req.max_tokens)
         if self.log_prompts:
             log.info("prompt: %s", json.dumps(prompts))

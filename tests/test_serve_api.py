@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from test_serve_support import CHAT, Running, running_gateway
 
@@ -121,7 +125,7 @@ def test_mixed_adapters_share_a_batch_and_each_answers_as_alone(gateway):
         assert entered.wait(30)
         try:
             futures = [pool.submit(ask, m) for m in models]
-            futures.append(pool.submit(ask, "tiny-model/1", 1e-38))  # a temperature this small is greedy
+            futures.append(pool.submit(ask, "tiny-model/1", 1e-44))  # greedy (logits / 1e-44 would overflow)
             wait_for(lambda: gateway.metric("tuneops:num_requests_waiting") == 7, "every request to be queued")
         finally:
             release.set()
@@ -139,3 +143,91 @@ def test_unknown_model_is_404_never_the_base(gateway, model):
     with pytest.raises(openai.NotFoundError) as err:
         gateway.client().chat.completions.create(model=model, messages=CHAT, max_tokens=4)
     assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
+def test_seeds_at_the_ends_of_the_64_bit_range_are_served_and_repeat(gateway, seed):
+    client = gateway.client()
+
+    def ask():
+        out = client.chat.completions.create(
+            model="tiny-model", messages=CHAT, max_tokens=6, temperature=0.7, n=2, seed=seed
+        )
+        return [c.message.content for c in sorted(out.choices, key=lambda c: c.index)]
+
+    assert ask() == ask()
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 5e-324])
+def test_a_tiny_positive_temperature_is_served_as_greedy(gateway, temperature):
+    client = gateway.client()
+    greedy = client.completions.create(model="tiny-model", prompt="Once upon", max_tokens=8, temperature=0)
+    tiny = client.completions.create(model="tiny-model", prompt="Once upon", max_tokens=8, temperature=temperature)
+    assert tiny.choices[0].text == greedy.choices[0].text
+
+
+class _SpyTokenizer:
+    """Stands in for the gateway's tokenizer: records which threads template and tokenize, and holds a huge
+    prompt until released, so a test can see whether anything else is answered meanwhile."""
+
+    def __init__(self, real, huge: int) -> None:
+        self.real = real
+        self.huge = huge
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        self.on_loop: list[bool] = []
+
+    def _note(self, text_len: int) -> None:
+        try:
+            asyncio.get_running_loop()
+            self.on_loop.append(True)
+        except RuntimeError:
+            self.on_loop.append(False)
+        if text_len >= self.huge:
+            self.holding.set()
+            self.release.wait(20)  # bounded: a stalled event loop fails the test instead of hanging it
+
+    def __call__(self, text, *args, **kwargs):
+        self._note(len(text))
+        return self.real(text, *args, **kwargs)
+
+    def apply_chat_template(self, messages, *args, **kwargs):
+        self._note(sum(len(m["content"]) for m in messages))
+        return self.real.apply_chat_template(messages, *args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_a_huge_prompt_is_templated_off_the_event_loop_while_others_are_answered(gateway, endpoint):
+    directory = gateway.gateway.directory
+    spy = _SpyTokenizer(directory.tokenizer, huge=500_000)
+    text = "word " * 150_000  # 750 kB: about a second of tokenizing, and far over the context window
+    if endpoint == "chat":
+        path, body = "/v1/chat/completions", {"model": "tiny-model", "messages": [{"role": "user", "content": text}]}
+    else:
+        path, body = "/v1/completions", {"model": "tiny-model", "prompt": text}
+    directory.tokenizer = spy
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            huge = pool.submit(gateway.post, path, json=body)
+            assert spy.holding.wait(30), "the huge prompt never reached the tokenizer"
+            # While its tokenizing is held, the event loop still answers: a probe and a small request.
+            assert httpx.get(gateway.url + "/health/live", timeout=10).status_code == 200
+            small = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                json={"model": "tiny-model", "messages": CHAT, "max_tokens": 2},
+                timeout=10,
+            )
+            assert small.status_code == 200
+            spy.release.set()
+            r = huge.result(60)
+    finally:
+        spy.release.set()
+        directory.tokenizer = spy.real
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert spy.on_loop and not any(spy.on_loop)  # every templating and tokenizing ran off the event loop

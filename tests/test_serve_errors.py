@@ -22,7 +22,8 @@ def gateway(store) -> Iterator[Running]:
     with running_gateway(
         ["tiny-model"],
         api_keys=[hash_key(k) for k in KEYS],
-        limits={"max_model_len": 128, "max_body_bytes": 4096, "max_n": 2},
+        expose="any",  # version 2 may be named, so its load failure shows
+        limits={"max_model_len": 128, "max_body_bytes": 16384, "max_n": 2},
     ) as running:
         yield running
 
@@ -72,6 +73,27 @@ def test_api_keys_several_accepted_others_refused_probes_open(gateway):
         ),
         ({"model": "tiny-model", "messages": CHAT, "frobnicate": 1}, "frobnicate", "unknown_parameter"),
         ({"model": "tiny-model", "messages": CHAT, "temperature": 3}, "temperature", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "temperature": -0.5}, "temperature", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "seed": 10**30, "temperature": 0.7}, "seed", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "seed": 2**63}, "seed", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "seed": -(2**63) - 1}, "seed", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "seed": 1e30}, "seed", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "top_p": 0}, "top_p", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "top_p": 1.5}, "top_p", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "max_tokens": 0}, "max_tokens", "invalid_value"),
+        (
+            {"model": "tiny-model", "messages": CHAT, "max_completion_tokens": 0},
+            "max_completion_tokens",
+            "invalid_value",
+        ),
+        ({"model": "tiny-model", "messages": CHAT, "n": 0}, "n", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "n": 10**6}, "n", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "frequency_penalty": 2.5}, "frequency_penalty", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "presence_penalty": -3}, "presence_penalty", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "logit_bias": {"5": 101}}, "logit_bias.5", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "temperature": "NaN"}, "temperature", "invalid_value"),
+        ({"model": "tiny-model", "messages": CHAT, "top_p": "-Infinity"}, "top_p", "invalid_value"),
         ({"model": "tiny-model", "messages": CHAT, "n": 3}, "n", "invalid_value"),
         ({"model": "tiny-model", "messages": CHAT, "max_tokens": 100000}, "max_tokens", "invalid_value"),
         (
@@ -95,6 +117,67 @@ def test_invalid_requests_are_400_naming_the_parameter(gateway, body, param, cod
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error")
 
 
+CHAT_JSON = '{"model": "tiny-model", "messages": [{"role": "user", "content": "Hi"}]'
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "code", "says"),
+    [
+        (CHAT_JSON + ', "seed": 1' + "0" * 5000 + "}", None, "invalid_json", "digits"),
+        (CHAT_JSON + ', "max_tokens": ' + "9" * 4400 + "}", None, "invalid_json", "digits"),
+        (CHAT_JSON + ', "tools": ' + "[" * 5000 + "]" * 5000 + "}", None, "invalid_json", "nested"),
+        ("[" * 5000 + "]" * 5000, None, "invalid_json", "nested"),
+        ('{"a": ' * 2000 + "1" + "}" * 2000, None, "invalid_json", "nested"),
+        (CHAT_JSON + ', "temperature": NaN}', None, "invalid_json", "NaN"),
+        (CHAT_JSON + ', "seed": -Infinity}', None, "invalid_json", "Infinity"),
+        (CHAT_JSON + ', "temperature": 1e999}', "temperature", "invalid_value", "finite"),
+        (CHAT_JSON + ', "top_p": -1e999}', "top_p", "invalid_value", "finite"),
+        (CHAT_JSON + ', "max_tokens": 1e999}', "max_tokens", "invalid_value", "finite"),
+        (CHAT_JSON + ', "seed": 1e308}', "seed", "invalid_value", "seed"),
+        (CHAT_JSON + ', "frequency_penalty": 1e999}', "frequency_penalty", "invalid_value", "finite"),
+        ('{"model": "tiny-model", "prompt": "a\\udc00", "max_tokens": 2}', "prompt", "invalid_value", "surrogate"),
+        (
+            '{"model": "tiny-model", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+            "messages[0].content",
+            "invalid_value",
+            "surrogate",
+        ),
+        (
+            '{"model": "tiny-model", "prompt": ["ok", "\\ud83d"], "max_tokens": 2}',
+            "prompt",
+            "invalid_value",
+            "surrogate",
+        ),
+    ],
+    ids=[
+        "5000-digit-int",
+        "4400-digit-int",
+        "5000-nested-arrays-in-a-field",
+        "5000-nested-arrays",
+        "2000-nested-objects",
+        "NaN-literal",
+        "Infinity-literal",
+        "temperature-inf",
+        "top_p-minus-inf",
+        "max_tokens-inf",
+        "seed-1e308",
+        "penalty-inf",
+        "prompt-lone-surrogate",
+        "message-lone-surrogate",
+        "prompt-list-lone-surrogate",
+    ],
+)
+def test_extreme_numbers_nesting_and_surrogates_are_400_not_500(gateway, raw, param, code, says):
+    path = "/v1/completions" if '"prompt"' in raw else "/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"}
+    r = gateway.post(path, content=raw.encode(), headers=auth)
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error")
+    assert says in err["message"]
+    assert post_chat(gateway, {"model": "tiny-model", "messages": CHAT, "max_tokens": 2}).status_code == 200
+
+
 def test_context_length_is_checked_through_the_client(gateway):
     with pytest.raises(openai.BadRequestError) as err:
         gateway.client(KEYS[0]).completions.create(model="tiny-model", prompt="word " * 200, max_tokens=4)
@@ -105,11 +188,11 @@ def test_bad_json_too_large_body_unknown_route_and_model(gateway):
     auth = {"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"}
     r = gateway.post("/v1/chat/completions", content=b"{not json", headers=auth)
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
-    r = post_chat(gateway, {"model": "tiny-model", "messages": [{"role": "user", "content": "x" * 5000}]})
+    r = post_chat(gateway, {"model": "tiny-model", "messages": [{"role": "user", "content": "x" * 20000}]})
     assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
 
     def chunks():
-        for _ in range(10):
+        for _ in range(20):
             yield b" " * 1000
 
     r = gateway.post("/v1/chat/completions", content=chunks(), headers=auth)  # chunked: no content-length
