@@ -183,12 +183,14 @@ def test_extreme_sampling_values_neither_fail_nor_change_the_requests_beside_the
         SamplingParams(max_tokens=6, temperature=0.9, top_p=float("nan"), seed=2),
         SamplingParams(max_tokens=6, temperature=float("inf"), seed=4),
         SamplingParams(max_tokens=6, temperature=float("nan"), seed=5),
+        SamplingParams(max_tokens=6, temperature=1e-44, seed=6),  # the tiny model's logits / 1e-44 overflow
+        SamplingParams(max_tokens=6, temperature=5e-324, seed=7),
     ]
     outs = run(engine, normal + [("a", prompts[2], params) for params in extreme])
     assert [o.answer for o in outs[:2]] == expected
     greedy = alone(engine, ("a", prompts[2], GREEDY))
     answers = [o.answer for o in outs[2:]]  # every one succeeded
-    assert [answers[i] for i in (1, 3, 6)] == [greedy] * 3  # temperature ~0, top_p 0, temperature NaN: greedy
+    assert [answers[i] for i in (1, 3, 6, 7, 8)] == [greedy] * 5  # temperature ~0 or NaN, top_p 0: greedy
     assert alone(engine, ("a", prompts[2], extreme[0])) == answers[0]  # a huge seed repeats
 
 
