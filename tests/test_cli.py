@@ -9,7 +9,7 @@ import yaml
 from tuneops.cli import run
 
 COMMANDS = (
-    *("train", "pipeline", "validate", "data", "models"),
+    *("train", "pipeline", "sweep", "validate", "data", "models"),
     *("evaluate", "promote", "rollback", "history", "serve", "serve-key-hash"),
 )
 

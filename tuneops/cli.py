@@ -16,11 +16,12 @@ import typer
 from typer.core import TyperGroup
 
 from core.errors import TuneopsError
-from tuneops.commands import aliases, evaluation, jobs, serving
+from tuneops.commands import aliases, evaluation, jobs, serving, sweep
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "train": jobs.train,
     "pipeline": jobs.pipeline,
+    "sweep": sweep.sweep,
     "validate": jobs.validate,
     "data": jobs.data,
     "models": jobs.models,
