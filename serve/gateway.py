@@ -46,6 +46,19 @@ class Gateway:
     def ready(self) -> bool:
         return self.startup_done and not self.draining and self.directory.ready()
 
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness and the body /health/ready returns: its status, and any watched alias that is behind.
+
+        An alias whose new version failed to load keeps serving the old one, so readiness stays true; `behind`
+        names the alias, what it serves, the version it should serve, why that failed and when it is retried.
+        """
+        ok = self.ready()
+        body: dict[str, Any] = {"status": "ok" if ok else "draining" if self.draining else "loading"}
+        behind = self.directory.behind()
+        if behind:
+            body["behind"] = behind
+        return ok, body
+
     def drain(self) -> None:
         """Readiness turns false and new requests are refused; admitted ones run to the end."""
         if not self.draining:

@@ -89,4 +89,14 @@ class Metrics:
             ("model_name", "alias"),
             registry=r,
         )
+        self.alias_behind = Gauge(
+            "tuneops:alias_behind",
+            "1 while the version a watched alias points at failed to load and is retried; the alias serves "
+            "the version it had, if any.",
+            ("model_name", "alias"),
+            registry=r,
+        )
+        self.num_failed_versions = Gauge(
+            "tuneops:num_failed_versions", "Versions whose last load failed, waiting for their next try.", registry=r
+        )
         self.ready = Gauge("tuneops:ready", "1 when the gateway is ready to serve.", registry=r)

@@ -115,6 +115,17 @@ class ServeSettings(BaseSettings):
         gt=0,
         description="Longest a version may take to load and answer the warm-up before it counts as failed.",
     )
+    retry_max_backoff_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait between tries of a version that failed to load or warm up; the waits start at "
+        "poll_interval_s and double. Meanwhile its alias keeps serving the version it had.",
+    )
+    expose: Literal["aliases", "gated", "any"] = Field(
+        "gated",
+        description="Which versions clients may name. aliases: only NAME and NAME@ALIAS; gated: also "
+        "NAME/VERSION for versions whose evaluation passed or that an alias points at; any: every version.",
+    )
     max_loaded_adapters: int = Field(
         8,
         ge=1,

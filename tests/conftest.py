@@ -128,10 +128,13 @@ class Publisher:
         base_digest: str | None = None,
         broken: str | None = None,
         alias: str | None = None,
+        verdict: str | None = None,
     ) -> VersionRef:
         """Register a version; returns its VersionRef. `seed` changes the adapter weights, so two versions
         answer differently. `base_digest` overrides the recorded digest; `broken`: 'weights' writes garbage
-        adapter weights, 'nan' NaN ones. `alias` points an alias at the new version."""
+        adapter weights, 'nan' NaN ones. `alias` points an alias at the new version. `verdict` sets the verdict
+        tag an evaluation would leave (core.aliases.PASS, ...). Like a fine-tune job, the version is tagged with
+        its base model."""
         import mlflow
         import torch
         from peft import LoraConfig, get_peft_model
@@ -167,10 +170,23 @@ class Publisher:
         client = connect(self.uri)
         mlflow.set_experiment("tests")
         with mlflow.start_run():
-            mv = publish_version(bundle, name, pip_requirements=["torch"])
+            mv = publish_version(bundle, name, tags={"tuneops.base_model": str(base_dir)}, pip_requirements=["torch"])
+        if verdict is not None:
+            from core.aliases import VERDICT_TAG
+
+            client.set_model_version_tag(name, str(mv.version), VERDICT_TAG, verdict)
         if alias:
             self.move(name, alias, str(mv.version))
         return resolve_version(client, f"{name}/{mv.version}")
+
+    def artifacts(self, name: str, version: str) -> Path:
+        """The folder in the store that holds a version's registered files (to break or repair them)."""
+        from core.registry import connect
+
+        client = connect(self.uri)
+        mv = client.get_model_version(name, version)
+        location = client.get_logged_model(mv.model_id or mv.source.removeprefix("models:/")).artifact_location
+        return Path(location.removeprefix("file://"))
 
     def move(self, name: str, alias: str, version: str) -> None:
         from core.aliases import move_alias

@@ -1,4 +1,7 @@
-"""Promotion, rollback and failed promotion under load, readiness, disconnects and drain (tiny model)."""
+"""Promotion, rollback and failed promotion under load, readiness, disconnects and drain (tiny model).
+
+These gateways let clients name any version (`expose: any`): the tests compare unevaluated versions by number.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ def answer(client, model, max_tokens=24):
 def test_promotion_and_rollback_switch_while_requests_in_flight_finish_on_the_old_version(store):
     v1 = store.publish("promo-model", seed=0, alias="production")
     v2 = store.publish("promo-model", seed=1)
-    with running_gateway(["promo-model"], limits={"max_tokens": 400}) as gw:
+    with running_gateway(["promo-model"], expose="any", limits={"max_tokens": 400}) as gw:
         client = gw.client()
         old = {n: answer(client, f"promo-model/{v1.version}", n) for n in (24, 120)}
         new = answer(client, f"promo-model/{v2.version}")
@@ -56,7 +59,7 @@ def test_promotion_and_rollback_switch_while_requests_in_flight_finish_on_the_ol
 def test_a_version_that_fails_to_load_or_check_leaves_the_old_one_serving(store, broken):
     name = f"fail-{broken}"
     v1 = store.publish(name, seed=0, alias="production")
-    with running_gateway([name]) as gw:
+    with running_gateway([name], expose="any") as gw:
         client = gw.client()
         before = answer(client, name)
         bad = store.publish(name, seed=5, broken=broken)
@@ -65,9 +68,11 @@ def test_a_version_that_fails_to_load_or_check_leaves_the_old_one_serving(store,
             lambda: gw.metric("tuneops:alias_switches_total", model_name=name, outcome="failure") >= 1,
             "the failed switch",
         )
-        assert gw.metric("tuneops:adapter_loads_total", model_name=name, version=bad.version, outcome="failure") == 1
+        assert gw.metric("tuneops:adapter_loads_total", model_name=name, version=bad.version, outcome="failure") >= 1
         assert answer(client, name) == before and gw.ready()
         assert gw.metric("tuneops:served_version", model_name=name, alias="production") == int(v1.version)
+        assert gw.metric("tuneops:alias_behind", model_name=name, alias="production") == 1
+        assert gw.metric("tuneops:adapter_loads_total", model_name=name, version=bad.version, outcome="success") == 0
         with pytest.raises(Exception) as err:  # asking for the broken version by number is refused clearly
             answer(client, f"{name}/{bad.version}")
         assert getattr(err.value, "status_code", None) == 404
@@ -99,8 +104,8 @@ def test_a_client_that_disconnects_stops_its_generation(store):
             next(it)
         stream.close()
         wait_for(lambda: gw.metric("tuneops:num_requests_running") == 0, "the abandoned request to leave")
-        assert gw.metric("tuneops:generation_tokens_total") < 1800 + 2  # + the warm-up's 2
-        assert gw.metric("tuneops:request_success_total") == 1  # the warm-up only
+        assert gw.metric("tuneops:generation_tokens_total") < 1800
+        assert gw.metric("tuneops:request_success_total") == 0  # the warm-up is not a request
         # The non-streaming path notices a disconnect too.
         import httpx
 
@@ -111,8 +116,8 @@ def test_a_client_that_disconnects_stops_its_generation(store):
                 json={"model": "gone-model", "messages": CHAT, "max_tokens": 1800},
             )
         wait_for(lambda: gw.metric("tuneops:num_requests_running") == 0, "the abandoned request to leave")
-        assert gw.metric("tuneops:request_success_total") == 1
-        assert gw.metric("tuneops:generation_tokens_total") < 2 * 1800 + 2
+        assert gw.metric("tuneops:request_success_total") == 0
+        assert gw.metric("tuneops:generation_tokens_total") < 2 * 1800
 
 
 def test_sigterm_turns_readiness_false_and_drains_in_flight_requests(store):
@@ -140,10 +145,21 @@ def test_least_recently_used_versions_are_unloaded_beyond_the_limit_and_reload_o
     store.publish("lru-model", seed=0, alias="production")
     store.publish("lru-model", seed=1)
     store.publish("lru-model", seed=2)
-    with running_gateway(["lru-model"], max_loaded_adapters=2) as gw:
+    store.publish("lru-model", seed=3)
+    bad = store.publish("lru-model", seed=4, broken="weights")
+    with running_gateway(["lru-model"], max_loaded_adapters=2, expose="any") as gw:
         client = gw.client()
+        work = gw.gateway.directory.workdir / "lru-model"
+
+        def folders() -> set[str]:  # downloaded version folders: only those of loaded versions stay
+            return {p.name for p in work.iterdir()}
+
         first = {v: answer(client, f"lru-model/{v}", 8) for v in ("2", "3")}  # 3 evicts 2 (1 is production)
-        assert first["2"] != first["3"]
+        assert first["2"] != first["3"] and folders() == {"1", "3"}
         assert answer(client, "lru-model/2", 8) == first["2"]  # loaded again, same answer
         assert gw.metric("tuneops:adapter_loads_total", model_name="lru-model", version="2", outcome="success") == 2
         assert answer(client, "lru-model", 8) == answer(client, "lru-model/1", 8)
+        assert answer(client, "lru-model/4", 8) and folders() == {"1", "4"}
+        with pytest.raises(Exception) as err:
+            answer(client, f"lru-model/{bad.version}")
+        assert getattr(err.value, "status_code", None) == 404 and folders() == {"1", "4"}
