@@ -402,8 +402,8 @@ class VersionDirectory:
                 shutil.rmtree(folder, ignore_errors=True)  # never a stale half-download
                 opened = open_version(self.client, f"{name}/{version}", folder)
                 self._ensure_base(opened)
-                self.engine.call(lambda: self.engine.add_adapter(adapter, opened.adapter_path)).result(
-                    self.settings.load_timeout_s
+                self._on_engine(
+                    functools.partial(self.engine.add_adapter, adapter, opened.adapter_path), "loading the adapter"
                 )
                 eos_ids = frozenset(opened.eos_ids(self.tokenizer))
                 served = Served(name, version, adapter, opened.manifest, eos_ids, folder)
@@ -442,7 +442,7 @@ class VersionDirectory:
                 torch.set_num_threads(threads)
             self.engine.load_base(opened.load_base(device, dtype).eval(), opened.tokenizer(), device)
 
-        self.engine.call(load).result(self.settings.load_timeout_s)
+        self._on_engine(load, "loading the base model")
         self.tokenizer = opened.tokenizer()
         config = self.engine.base.config
         self.max_model_len = self.settings.limits.max_model_len or int(getattr(config, "max_position_embeddings", 2048))
@@ -463,12 +463,14 @@ class VersionDirectory:
             served.manifest.chat_template,
             served.manifest.system_prompt,
         )
+        self._on_engine(functools.partial(greedy_tokens, self.engine, served.adapter, ids), "the warm-up generation")
+
+    def _on_engine(self, fn: Any, what: str) -> Any:
+        """Run a step of a load on the engine thread; one that outlasts load_timeout_s fails the load, saying so."""
         try:
-            self.engine.call(functools.partial(greedy_tokens, self.engine, served.adapter, ids)).result(
-                self.settings.load_timeout_s
-            )
+            return self.engine.call(fn).result(self.settings.load_timeout_s)
         except TimeoutError:
-            raise ModelError("the warm-up generation timed out") from None
+            raise ModelError(f"{what} took longer than {self.settings.load_timeout_s:g} s") from None
 
     def _evict(self, keep: Key) -> None:
         """Unload least recently used versions beyond the limit; alias targets and `keep` (just loaded) stay."""

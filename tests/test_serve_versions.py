@@ -168,7 +168,9 @@ def test_a_promotion_takes_effect_while_user_requests_fill_the_queue(store):
             wait_for(lambda: gw.metric("tuneops:num_requests_waiting") >= 8, "a full queue")
             store.move("busy-model", "production", new.version)
             wait_for(
-                lambda: gw.metric("tuneops:served_version", model_name="busy-model", alias="production") == int(new.version),
+                lambda: (
+                    gw.metric("tuneops:served_version", model_name="busy-model", alias="production") == int(new.version)
+                ),
                 "the switch under load",
             )
             assert gw.metric("tuneops:num_requests_waiting") >= 4  # it switched while the queue was still full
@@ -177,7 +179,7 @@ def test_a_promotion_takes_effect_while_user_requests_fill_the_queue(store):
             for t in users:
                 t.join(120)
         assert not errors
-        assert gw.metric("tuneops:alias_switches_total", model_name="busy-model", outcome="failure") == 0
+        assert gw.metric("tuneops:adapter_loads_total", model_name="busy-model", version=new.version) == 1
         assert answer(client, "busy-model") == answer(client, "busy-model/2")
 
 
@@ -194,7 +196,7 @@ def test_a_version_that_failed_is_retried_with_backoff_and_serves_once_repaired(
         ok, body = gw.gateway.health()
         behind = body["behind"]["retry-model"]
         assert ok and (behind["serving"], behind["target"]) == (v1.version, bad.version) and behind["error"]
-        assert folders(gw, "retry-model") == {v1.version}
+        wait_for(lambda: folders(gw, "retry-model") == {v1.version}, "no folder left by a failed try")
 
         good = store.root / "bundle-retry-model-0-None" / "adapter" / "adapter_model.safetensors"  # version 1's
         for path in store.artifacts("retry-model", bad.version).rglob("adapter_model.safetensors"):
