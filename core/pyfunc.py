@@ -11,7 +11,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from core.registry import ADAPTER_DIR, MANIFEST_FILE, Manifest
+from core.registry import ADAPTER_DIR, BASE_MODEL_TAG, MANIFEST_FILE, Manifest
 
 
 class AdapterModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
@@ -106,7 +106,10 @@ def publish_version(
     tags: dict[str, str] | None = None,
     pip_requirements: list[str] | None = None,
 ) -> Any:
-    """Log the bundle as a pyfunc model on the active run and register it; returns the new ModelVersion."""
+    """Log the bundle as a pyfunc model on the active run and register it; returns the new ModelVersion.
+
+    The version is tagged with its base model, so listing versions (the gateway's /v1/models) needs no download.
+    """
     import mlflow
 
     from core.registry import library_versions
@@ -114,5 +117,6 @@ def publish_version(
     libs = library_versions()
     reqs = pip_requirements or [f"{k}=={v}" for k, v in libs.items() if k != "tuneops"]
     info = log_version_model(bundle, reqs)
-    mv = mlflow.register_model(info.model_uri, model_name, tags=tags or {})
-    return mv
+    manifest = Manifest.read(bundle / MANIFEST_FILE)
+    version_tags = {BASE_MODEL_TAG: manifest.base_model, **(tags or {})}
+    return mlflow.register_model(info.model_uri, model_name, tags=version_tags)

@@ -29,6 +29,7 @@ PRODUCTION = "production"
 CANDIDATE = "candidate"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MANIFEST_FILE = "manifest.json"
+BASE_MODEL_TAG = "tuneops.base_model"  # on every registered version: listing needs no download
 ADAPTER_DIR = "adapter"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")

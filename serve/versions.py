@@ -31,7 +31,7 @@ from typing import Any
 
 from core.aliases import PASS, VERDICT_TAG
 from core.errors import ModelError
-from core.registry import PRODUCTION, REF, Manifest
+from core.registry import BASE_MODEL_TAG, PRODUCTION, REF, Manifest
 from core.version import OpenedVersion, open_version
 from serve.engine import Engine
 from serve.errors import APIError, ModelNotFound, NotReady
@@ -40,7 +40,6 @@ from serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-BASE_MODEL_TAG = "tuneops.base_model"  # set on every version a fine-tune job registers
 MAX_VERSION = 2**31 - 1  # beyond any registry's count; larger numbers overflow MLflow's integer column
 FAILURES_KEPT = 64
 WARMUP_TOKENS = 2
