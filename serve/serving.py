@@ -2,8 +2,8 @@
 
 Everything a request can get wrong is checked before any work (unsupported parameters, limits, context
 length). A streamed request that fails after its headers were sent ends with an SSE error event. When the
-client goes away, its rows leave the batch at the next step. Templating and tokenizing a prompt (about a
-second for a 1 MiB body) run on a small thread pool, never on the event loop, so one huge prompt cannot stall
+client goes away, its rows leave the batch at the next step. Parsing, templating and tokenizing a body (up to
+about a second each for 1 MiB) run on a small thread pool, never on the event loop, so one huge request cannot stall
 other requests or the probes.
 """
 
@@ -414,7 +414,7 @@ class OpenAIServingChat(OpenAIServing[p.ChatCompletionRequest]):
 
     async def prepare(self, req: p.ChatCompletionRequest) -> PreparedRequest:
         refuse_unsupported(req)
-        messages = chat_messages(req)
+        messages = await self.offload(chat_messages, req)
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise InvalidRequest(
                 "Set 'max_tokens' or 'max_completion_tokens', not both.", param="max_completion_tokens"

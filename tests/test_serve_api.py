@@ -166,6 +166,14 @@ def test_a_tiny_positive_temperature_is_served_as_greedy(gateway, temperature):
     assert tiny.choices[0].text == greedy.choices[0].text
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class _SpyTokenizer:
     """Stands in for the gateway's tokenizer: records which threads template and tokenize, and holds a huge
     prompt until released, so a test can see whether anything else is answered meanwhile."""
@@ -178,11 +186,7 @@ class _SpyTokenizer:
         self.on_loop: list[bool] = []
 
     def _note(self, text_len: int) -> None:
-        try:
-            asyncio.get_running_loop()
-            self.on_loop.append(True)
-        except RuntimeError:
-            self.on_loop.append(False)
+        self.on_loop.append(_on_event_loop())
         if text_len >= self.huge:
             self.holding.set()
             self.release.wait(20)  # bounded: a stalled event loop fails the test instead of hanging it
@@ -203,9 +207,18 @@ class _SpyTokenizer:
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
-def test_a_huge_prompt_is_templated_off_the_event_loop_while_others_are_answered(gateway, endpoint):
+def test_a_huge_prompt_is_templated_off_the_event_loop_while_others_are_answered(gateway, endpoint, monkeypatch):
+    import serve.api
+
     directory = gateway.gateway.directory
     spy = _SpyTokenizer(directory.tokenizer, huge=500_000)
+    real_parse = serve.api.parse
+
+    def parse(*args):
+        spy.on_loop.append(_on_event_loop())
+        return real_parse(*args)
+
+    monkeypatch.setattr(serve.api, "parse", parse)
     text = "word " * 150_000  # 750 kB: about a second of tokenizing, and far over the context window
     if endpoint == "chat":
         path, body = "/v1/chat/completions", {"model": "tiny-model", "messages": [{"role": "user", "content": text}]}
@@ -230,4 +243,4 @@ def test_a_huge_prompt_is_templated_off_the_event_loop_while_others_are_answered
         spy.release.set()
         directory.tokenizer = spy.real
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert spy.on_loop and not any(spy.on_loop)  # every templating and tokenizing ran off the event loop
+    assert len(spy.on_loop) >= 4 and not any(spy.on_loop)  # parsing, templating, tokenizing: all off the loop
