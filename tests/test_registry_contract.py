@@ -5,7 +5,10 @@ from core.aliases import history, move_alias
 from core.errors import RegistryError
 from core.registry import PRODUCTION, connect, resolve_version
 
+BOTH_BACKENDS = pytest.mark.parametrize("mlflow_store", ["sqlite", "postgres"], indirect=True)
 
+
+@BOTH_BACKENDS
 def test_version_is_a_real_pyfunc_model_that_generates(make_version):
     ref = make_version()
     model = mlflow.pyfunc.load_model(ref.uri)
@@ -13,6 +16,7 @@ def test_version_is_a_real_pyfunc_model_that_generates(make_version):
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
 
 
+@BOTH_BACKENDS
 def test_refs_resolve_by_version_alias_and_run(make_version, mlflow_store):
     v1 = make_version(seed=1)
     v2 = make_version(seed=2)
@@ -41,6 +45,7 @@ def test_bad_refs_are_clear_errors(make_version, mlflow_store, ref, message):
         resolve_version(connect(mlflow_store), ref)
 
 
+@BOTH_BACKENDS
 def test_alias_moves_are_recorded_in_order(make_version, mlflow_store):
     make_version(seed=1)
     make_version(seed=2)
