@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from core.errors import TuneopsError
-from tuneops.commands import aliases, evaluation, jobs, serving, stack, sweep
+from tuneops.commands import aliases, evaluation, jobs, predict, serving, stack, sweep
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "train": jobs.train,
@@ -31,6 +31,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "history": aliases.history,
     "serve": serving.serve,
     "serve-key-hash": serving.serve_key_hash,
+    "predict": predict.predict,
     "stack": stack.stack,
 }
 
