@@ -401,7 +401,7 @@ def postgres() -> Iterator[str]:
     binaries = _pg_bin()
     if binaries is None:
         pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")
     as_postgres: list[str] = []
     folder = Path(tempfile.mkdtemp(prefix="tuneops-pg-"))
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root

@@ -176,8 +176,7 @@ def fingerprint(cfg: JobConfig) -> str:
     assert sweep is not None
     data = resolved_dict(cfg)
     evaluation = data.pop("evaluation") or {}
-    for key in ("registry",):
-        data.pop(key)
+    data.pop("registry")
     data["training"].pop("output_dir")
     data["tracking"] = {"experiment": cfg.tracking.experiment}
     data["sweep"] = {"params": sweep.params, "objective": sweep.objective, "direction": sweep.goal}
@@ -204,6 +203,11 @@ def trial_config(cfg: JobConfig, values: dict[str, Any], out: Path, name: str) -
     return JobConfig.model_validate(data)
 
 
+def _storable(choices: tuple[Any, ...]) -> bool:
+    """Whether Optuna can store these choices as they are (scalars), rather than as JSON text."""
+    return all(c is None or isinstance(c, bool | int | float | str) for c in choices)
+
+
 def suggest(trial: optuna.Trial, key: str, dist: Distribution) -> Any:
     """Draw one value; choices that Optuna cannot store (lists) travel as JSON text."""
     if dist.kind == "log_uniform":
@@ -212,7 +216,7 @@ def suggest(trial: optuna.Trial, key: str, dist: Distribution) -> Any:
         return trial.suggest_float(key, dist.low, dist.high)
     if dist.kind == "int":
         return trial.suggest_int(key, int(dist.low), int(dist.high))
-    if all(c is None or isinstance(c, bool | int | float | str) for c in dist.choices):
+    if _storable(dist.choices):
         return trial.suggest_categorical(key, list(dist.choices))
     picked = trial.suggest_categorical(key, [json.dumps(c) for c in dist.choices])
     return json.loads(str(picked))
@@ -222,11 +226,7 @@ def _decoded(params: dict[str, Any], space: dict[str, Distribution]) -> dict[str
     out = {}
     for key, value in params.items():
         dist = space.get(key)
-        encoded = (
-            dist is not None
-            and dist.kind == "choice"
-            and not all(c is None or isinstance(c, bool | int | float | str) for c in dist.choices)
-        )
+        encoded = dist is not None and dist.kind == "choice" and not _storable(dist.choices)
         out[key] = json.loads(value) if encoded and isinstance(value, str) else value
     return out
 
