@@ -1,20 +1,17 @@
 """`tuneops sweep`: the sweep section's validation, and searches on the tiny model with a real MLflow store.
 
-The PostgreSQL test starts a private server (as the `postgres` user when run as root) and two worker
-processes against one study; it is skipped only where PostgreSQL's binaries are absent.
+The PostgreSQL test runs two worker processes against one study in PostgreSQL, beside the session's
+PostgreSQL-backed MLflow server (tests/conftest.py); it is skipped only where PostgreSQL cannot be installed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
@@ -381,114 +378,53 @@ def test_an_interrupted_sweep_reruns_only_the_missing_trials(
 # --- several workers on one PostgreSQL study ------------------------------------------------------------------
 
 
-def _pg_bin() -> Path | None:
-    for folder in [Path("/usr/local/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)]:
-        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
-            return folder
-    found = shutil.which("initdb")
-    return Path(found).parent if found and shutil.which("pg_ctl") else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def postgres() -> Iterator[str]:
-    """A private PostgreSQL server on 127.0.0.1; yields its base URL (user postgres, trust auth)."""
-    binaries = _pg_bin()
-    if binaries is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    pytest.importorskip("psycopg")
-    as_postgres: list[str] = []
-    folder = Path(tempfile.mkdtemp(prefix="tuneops-pg-"))
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", _free_port()
-    try:
-        subprocess.run(
-            [*as_postgres, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-            check=True,
-            capture_output=True,
-        )
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}"
-        subprocess.run(
-            [
-                *as_postgres,
-                str(binaries / "pg_ctl"),
-                "-D",
-                str(data),
-                "-o",
-                options,
-                "-l",
-                str(folder / "log"),
-                "-w",
-                "start",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        import sqlalchemy
+def optuna_database(tracking_server) -> Iterator[str]:
+    """A fresh database for Optuna in the session's PostgreSQL cluster (beside the MLflow server's); its URL."""
+    import psycopg
 
-        engine = sqlalchemy.create_engine(
-            f"postgresql://postgres@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT"
-        )
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("CREATE DATABASE optuna"))
-            conn.execute(sqlalchemy.text("CREATE DATABASE mlflow"))
-        engine.dispose()
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+    name = f"optuna_{uuid.uuid4().hex[:8]}"
+    admin = tracking_server.stack.database_uri("postgres").replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield tracking_server.stack.database_uri(name)
     finally:
-        with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
-            subprocess.run(
-                [*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                check=True,
-                capture_output=True,
-            )
-        shutil.rmtree(folder, ignore_errors=True)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.mark.integration
-def test_two_workers_share_one_postgresql_study_and_one_parent_run(tmp_path, tiny_base, postgres, monkeypatch):
-    tracking = f"{postgres}/mlflow"
-    monkeypatch.chdir(tmp_path)  # artifacts of the tracking database land here, for every process
-    connect(tracking).search_experiments()  # the tracking database exists before the workers start, as a server's would
-    path = sweep_job(tmp_path, tiny_base, tracking, {"storage": f"{postgres}/optuna", "pruner": "none"})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking}
+def test_two_workers_share_one_postgresql_study_and_one_parent_run(
+    tmp_path, tiny_base, tracking_server, optuna_database, monkeypatch
+):
+    tracking_server.reset()
+    uri = tracking_server.uri  # the team's MLflow server, as every machine would reach it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    path = sweep_job(tmp_path, tiny_base, uri, {"storage": optuna_database, "pruner": "none"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tuneops", "sweep", str(path), "--worker"]
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tuneops", "sweep", str(path), "--worker"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
     ]
-    outputs = []
     deadline = time.monotonic() + 600
     for proc in workers:
         out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        outputs.append(out)
         assert proc.returncode == 0, out
-    study = optuna.load_study(study_name="job", storage=f"{postgres}/optuna")
+        assert "postgresql+psycopg://tuneops:***@" in out  # the storage is named, its password never shown
+    study = optuna.load_study(study_name="job", storage=optuna_database)
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 4, [(t.number, t.state) for t in study.trials]
-    owners = {t.user_attrs["tuneops.owner"] for t in finished}
-    assert len(owners) == 2, owners  # both workers trained trials
-    client = connect(tracking)
+    assert len({t.user_attrs["tuneops.owner"] for t in finished}) == 2  # both workers trained trials
+    client = connect(uri)
     parent, trials = runs_of(client)
     assert len(trials) == 4 and {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
     assert parent.info.status == "RUNNING" and not client.search_model_versions("name = 'swept'")
 
     # the coordinator finishes the study: no trial left to train, the best one registered
     assert run(["sweep", str(path)]) == 0
-    parent = client.get_run(parent.info.run_id)
-    assert parent.info.status == "FINISHED"
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     versions = client.search_model_versions("name = 'swept'")
     best = min(finished, key=lambda t: t.value)
     assert len(versions) == 1 and versions[0].run_id == best.user_attrs["tuneops.run_id"]
