@@ -375,6 +375,48 @@ def test_an_interrupted_sweep_reruns_only_the_missing_trials(
     assert "searches another job, space or objective" in capsys.readouterr().err
 
 
+def test_a_quality_objective_is_measured_on_the_held_out_split_and_maximised(
+    tmp_path, tiny_base, mlflow_store, one_torch_thread
+):
+    path = sweep_job(
+        tmp_path,
+        tiny_base,
+        mlflow_store,
+        {"n_trials": 2, "objective": "token_f1", "pruner": "none", "sampler": "random"},
+        evaluation={"suites": ["quality"], "max_examples": 3, "max_new_tokens": 4, "on_train": False},
+    )
+    assert run(["sweep", str(path)]) == 0
+    client = connect(mlflow_store)
+    _, trials = runs_of(client)
+    study = study_of(tmp_path)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    for trial, run_ in zip(study.trials, trials, strict=True):
+        assert trial.value == pytest.approx(run_.data.metrics["quality.token_f1"])
+        assert run_.data.metrics["objective.token_f1"] == pytest.approx(trial.value)
+        assert {"quality.loss", "quality.rougeL"} <= set(run_.data.metrics)
+        # the pruner compares validation losses the right way round: negated when the study maximises
+        losses = {m.step: m.value for m in client.get_metric_history(run_.info.run_id, "eval_loss")}
+        assert trial.intermediate_values == pytest.approx({step: -loss for step, loss in losses.items()})
+    assert study.best_trial.value == max(t.value for t in study.trials)
+    assert len(client.search_model_versions("name = 'swept'")) == 1
+
+
+def test_pruners_are_built_from_the_section():
+    from tuneops.sweep import _pruner
+
+    def job(**sweep: Any) -> JobConfig:
+        return JobConfig.model_validate(
+            {"training": {"eval_steps": 7}, "sweep": {"params": {"lora.r": "int(2, 8)"}, **sweep}}
+        )
+
+    hyperband = _pruner(job(pruner="hyperband"))
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner) and hyperband._min_resource == 7
+    median = _pruner(job(pruner="median", pruner_startup_trials=3, pruner_warmup_steps=14))
+    assert isinstance(median, optuna.pruners.MedianPruner)
+    assert (median._n_startup_trials, median._n_warmup_steps) == (3, 14)
+    assert isinstance(_pruner(job(pruner="none")), optuna.pruners.NopPruner)
+
+
 # --- several workers on one PostgreSQL study ------------------------------------------------------------------
 
 
