@@ -721,7 +721,6 @@ def _finish(s: _Study, result: SweepResult, evaluation: EvaluationConfig | None)
     result.best = best
     s.client.set_tag(s.parent_run_id, "tuneops.sweep.best_trial", str(best.number))
     s.client.set_tag(s.parent_run_id, "tuneops.sweep.best_run", best.run_id)
-    s.client.log_metric(s.parent_run_id, f"best_{s.sweep.objective}", float(s.study.best_value))
     summary = {"trial": best.number, "run_id": best.run_id, "value": best.value, "params": best.params}
     s.client.log_dict(s.parent_run_id, summary, "best.json")
     job = _register_best(s, best)
