@@ -31,8 +31,9 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MANIFEST_FILE = "manifest.json"
 BASE_MODEL_TAG = "tuneops.base_model"  # on every registered version: listing needs no download
 ADAPTER_DIR = "adapter"
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")
+RUN_ID = re.compile(r"^[0-9a-f]{32}\Z")
+# \Z, not $: a reference never ends in a newline; [0-9], not \d: only ASCII digits are version numbers.
+REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[0-9]+))?\Z")
 
 
 def tracking_uri(configured: str | None = None) -> str:

@@ -79,8 +79,8 @@ async def live() -> Response:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
-    gateway = gateway_of(request)
-    return _probe(gateway.ready(), "draining" if gateway.draining else "loading")
+    ok, body = gateway_of(request).health()
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/health/startup")

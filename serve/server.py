@@ -47,6 +47,9 @@ def make_server(settings: ServeSettings, port: int | None = None) -> GatewayServ
         port=settings.port if port is None else port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        # Longer than clients' own idle timeout (5 s in httpx and the openai client), so the server never closes
+        # a connection a client is about to reuse.
+        timeout_keep_alive=75,
         access_log=False,
         lifespan="on",
     )

@@ -36,6 +36,8 @@ def test_refs_resolve_by_version_alias_and_run(make_version, mlflow_store):
         ("tiny-model@staging", "has no alias 'staging'"),
         ("tiny-model/9", "has no version 9"),
         ("bad ref!", "is not a model reference"),
+        ("tiny-model\n", "is not a model reference"),
+        ("tiny-model/\u0661", "is not a model reference"),
         ("0" * 32, "registered no model version"),
     ],
 )
