@@ -10,7 +10,7 @@ from tuneops.cli import run
 
 COMMANDS = (
     *("train", "pipeline", "sweep", "validate", "data", "models"),
-    *("evaluate", "promote", "rollback", "history", "serve", "serve-key-hash"),
+    *("evaluate", "promote", "rollback", "history", "serve", "serve-key-hash", "predict", "stack"),
 )
 
 
