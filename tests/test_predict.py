@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import mlflow
+import pytest
 from test_serve_support import running_gateway
 
 from tuneops.cli import run as cli
@@ -78,3 +79,22 @@ def test_bad_input_names_the_line_and_writes_nothing(make_version, tmp_path, cap
     assert not out.exists()
     assert cli(["predict", "nope", str(tmp_path / "missing.jsonl"), "-o", str(out), *ARGS]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_predict_on_real_smollm2_answers_as_the_gateway(make_version, smollm2, tmp_path, capsys):
+    make_version("real-model", seed=0, base_dir=smollm2.path, alias="production")
+    source = tmp_path / "in.jsonl"
+    chats = [r for r in ROWS if "messages" in r]
+    source.write_text("".join(json.dumps(r) + "\n" for r in chats))
+    out = tmp_path / "out.jsonl"
+    args = ["--max-tokens", "24", "--dtype", "fp32", "--batch-size", "4", "--no-progress"]
+    assert cli(["predict", "real-model", str(source), "-o", str(out), *args]) == 0
+    rows = _read(out)
+    with running_gateway(["real-model"]) as gw:
+        client = gw.client()
+        for row in rows:
+            reply = client.chat.completions.create(
+                model="real-model", messages=row["messages"], max_tokens=24, temperature=0
+            )
+            assert row["output"] == reply.choices[0].message.content and row["output"].strip(), row["id"]
