@@ -109,3 +109,42 @@ def test_postgres_missing_and_not_installable_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(stack.StackError, match="PostgreSQL is not installed"):
         stack.install_postgres()
+
+
+@pytest.mark.parametrize("mlflow_store", ["postgres"], indirect=True)
+def test_two_jobs_at_once_against_one_server_get_their_own_run_and_version(make_version, mlflow_store, tmp_path):
+    """Two jobs logging and registering at the same moment never share a run or a version number.
+
+    The bundle is built once beforehand: loading models in two threads of one process is not what two
+    `tuneops train` processes do (and transformers' loading is not thread-safe); the registry part is.
+    """
+    import threading
+
+    import mlflow
+
+    from core.pyfunc import publish_version
+    from core.registry import connect
+
+    first = make_version("shared-model", seed=1)
+    bundle = tmp_path / "bundle-shared-model-1-None"  # where Publisher wrote the version it registered
+    assert (bundle / "manifest.json").is_file()
+    start, versions, errors = threading.Barrier(2), [], []
+
+    def job() -> None:
+        start.wait()
+        try:
+            with mlflow.start_run() as run:
+                mv = publish_version(bundle, "shared-model", pip_requirements=["torch"])
+            versions.append((str(mv.version), run.info.run_id))
+        except BaseException as exc:  # surfaced below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == []
+    assert sorted(v for v, _ in versions) == ["2", "3"] and len({r for _, r in versions} | {first.run_id}) == 3
+    client = connect(mlflow_store)
+    assert {(v, client.get_model_version("shared-model", v).run_id) for v, _ in versions} == set(versions)
