@@ -55,7 +55,26 @@ def connect(configured: str | None = None) -> MlflowClient:
             raise RegistryError(f"tracking server {uri} is unreachable: {exc}") from exc
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if uri.startswith(("http://", "https://")):
+        _check_credentials(client, uri)
+    return client
+
+
+def _check_credentials(client: MlflowClient, uri: str) -> None:
+    """A server with authentication says 401 to every call; say it once, here, not as "no such model" later."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as exc:
+        if exc.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            raise
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        raise RegistryError(
+            f"tracking server {uri} refused {'user ' + repr(who) if who else 'anonymous access'}: "
+            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        ) from None
 
 
 @dataclass

@@ -78,6 +78,10 @@ def test_stack_up_twice_serves_with_basic_auth_and_down_leaves_no_process_but_ke
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
         with pytest.raises(MlflowException, match="401"):
             MlflowClient(uri, uri).get_registered_model("kept")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        capsys.readouterr()
+        assert cli(["history", "kept"]) == 2  # one clear line, not "no registered model named 'kept'"
+        assert f"tracking server {uri} refused user '{ADMIN_USER}'" in capsys.readouterr().err
 
         capsys.readouterr()
         assert cli(["stack", "down", *args]) == 0
