@@ -18,6 +18,7 @@ def _training_run(tmp_path: Path, columns: dict[str, str] | None) -> VersionRef:
     """A training run that logged its resolved config and a held-out split, as the fine-tune stage does."""
     import mlflow
 
+    mlflow.set_experiment("inputs")  # not whichever experiment an earlier test left active
     with mlflow.start_run() as run:
         data = {"path": "train.csv", "columns": columns} if columns else {"path": "train.jsonl"}
         mlflow.log_text(yaml.safe_dump({"data": data}), CONFIG_ARTIFACT)
