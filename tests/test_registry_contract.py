@@ -14,6 +14,10 @@ def test_version_is_a_real_pyfunc_model_that_generates(make_version):
     model = mlflow.pyfunc.load_model(ref.uri)
     out = model.predict(["Hello there"], params={"max_new_tokens": 5})
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+    # the params reach predict: two new tokens decode to at most two tokens of text
+    short = model.predict(["Hello there"], params={"max_new_tokens": 2})[0]
+    tokenizer = model.unwrap_python_model().tokenizer
+    assert 0 < len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 6  # not the default 128
 
 
 @BOTH_BACKENDS
