@@ -53,7 +53,7 @@ def test_two_process_data_parallel_job_makes_one_run_and_one_version(tmp_path, t
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("training on 2 process(es)") == 2
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, uri)  # the registry too: an earlier test may have set the global registry URI
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["tuneops.world_size"] == "2"
     assert runs[0].info.status == "FINISHED"
