@@ -143,10 +143,22 @@ def history(client: MlflowClient, name: str) -> list[AliasMove]:
 
 
 def _point(client: MlflowClient, name: str, alias: str, version: str | None) -> None:
-    if version is not None:
-        client.set_registered_model_alias(name, alias, version)
-    elif current_alias(client, name, alias) is not None:
-        client.delete_registered_model_alias(name, alias)
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(5):
+        try:
+            if version is not None:
+                client.set_registered_model_alias(name, alias, version)
+            elif current_alias(client, name, alias) is not None:
+                client.delete_registered_model_alias(name, alias)
+            return
+        except MlflowException as exc:
+            # MLflow's SQL store checks for the alias row and then inserts it: two movers at once can both
+            # insert, and the second hits the unique key. The row exists by then, so trying again updates it.
+            conflict = any(word in str(exc) for word in ("UNIQUE constraint", "IntegrityError", "duplicate key"))
+            if not conflict or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _settle(client: MlflowClient, name: str, alias: str) -> list[tuple[str, AliasMove]]:
