@@ -8,6 +8,7 @@ from core.schema.data import DataConfig
 from core.schema.evaluation import EvaluationConfig
 from core.schema.lora import LoraConfig
 from core.schema.model import ModelConfig
+from core.schema.monitoring import MonitoringConfig
 from core.schema.sweep import SweepConfig
 from core.schema.tracking import RegistryConfig, TrackingConfig
 from core.schema.training import TrainingConfig
@@ -22,6 +23,10 @@ class JobConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
     evaluation: EvaluationConfig | None = Field(
         None, description="Evaluation and gates; when present they run after training."
+    )
+    monitoring: MonitoringConfig | None = Field(
+        None,
+        description="Checks `tuneops monitor` runs on the served versions' traffic (drift, bias, service, feedback).",
     )
     sweep: SweepConfig | None = Field(
         None, description="Hyperparameter search (`tuneops sweep`): keys to vary, objective, trials, pruner, storage."
