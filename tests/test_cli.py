@@ -11,6 +11,7 @@ from tuneops.cli import run
 COMMANDS = (
     *("train", "pipeline", "sweep", "validate", "data", "models"),
     *("evaluate", "promote", "rollback", "history", "serve", "serve-key-hash", "predict", "stack"),
+    *("monitor", "retrain"),
 )
 
 

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from core.errors import TuneopsError
-from tuneops.commands import aliases, evaluation, jobs, predict, serving, stack, sweep
+from tuneops.commands import aliases, evaluation, jobs, monitoring, predict, serving, stack, sweep
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "train": jobs.train,
@@ -33,6 +33,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "serve-key-hash": serving.serve_key_hash,
     "predict": predict.predict,
     "stack": stack.stack,
+    "monitor": monitoring.monitor,
+    "retrain": monitoring.retrain,
 }
 
 
