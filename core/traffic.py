@@ -303,8 +303,8 @@ def find_trace(client: MlflowClient, experiment: str, request_id: str) -> str | 
     return found[0].info.trace_id if found else None
 
 
-def log_feedback(client: MlflowClient, trace_id: str, fb: Feedback) -> None:
-    """Attach `fb` to the trace as MLflow feedback (and its correction as an expectation)."""
+def log_feedback(client: MlflowClient, trace_id: str, fb: Feedback) -> str:
+    """Attach `fb` to the trace as MLflow feedback (and its correction as an expectation); the feedback's id."""
     from mlflow.entities import AssessmentSource, AssessmentSourceType, Expectation
     from mlflow.entities import Feedback as MlflowFeedback
     from mlflow.tracing.client import TracingClient
@@ -314,12 +314,13 @@ def log_feedback(client: MlflowClient, trace_id: str, fb: Feedback) -> None:
     metadata = {"raw_rating": str(fb.raw_rating)}
     if fb.correction is not None:
         metadata["correction"] = fb.correction
-    tracing.log_assessment(
+    stored = tracing.log_assessment(
         trace_id,
         MlflowFeedback(name=RATING_NAME, value=fb.rating, source=source, rationale=fb.comment, metadata=metadata),
     )
     if fb.correction is not None:
         tracing.log_assessment(trace_id, Expectation(name=CORRECTION_NAME, value=fb.correction, source=source))
+    return stored.assessment_id or ""
 
 
 # --- reading ---------------------------------------------------------------------------------------------------

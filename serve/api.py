@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -11,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve import protocol as p
 from serve.errors import ModelNotFound, NotReady
+from serve.feedback import give_feedback
 from serve.gateway import Gateway, gateway_of
 from serve.serving import OpenAIServing, parse
 
@@ -19,7 +21,7 @@ router = APIRouter()
 
 def authenticated(request: Request) -> Gateway:
     gateway = gateway_of(request)
-    gateway.keys(request.headers.get("authorization"))
+    request.state.api_key_label = gateway.keys(request.headers.get("authorization"))
     return gateway
 
 
@@ -36,8 +38,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _answer(request: Request, serving: OpenAIServing[Any]) -> Response:
+    arrived, arrived_at = time.perf_counter(), time.time()
     req = await serving.offload(parse, serving.request_type, await request.body())  # up to ~0.5 s for 1 MiB
     prep = await serving.prepare(req)
+    prep.arrived, prep.arrived_at, prep.api_key_label = arrived, arrived_at, request.state.api_key_label
     if prep.stream:
         return StreamingResponse(serving.stream(prep, req.model), media_type="text/event-stream", headers=SSE_HEADERS)
     body = await serving.complete(prep, req.model, request.is_disconnected)
@@ -52,6 +56,12 @@ async def chat_completions(request: Request, gateway: Annotated[Gateway, Depends
 @router.post("/v1/completions")
 async def completions(request: Request, gateway: Annotated[Gateway, Depends(serving)]) -> Response:
     return await _answer(request, gateway.completion)
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request, gateway: Annotated[Gateway, Depends(authenticated)]) -> p.FeedbackReceipt:
+    req = await asyncio.to_thread(parse, p.FeedbackRequest, await request.body())
+    return await give_feedback(gateway.capture, req, request.state.api_key_label)
 
 
 @router.get("/v1/models")

@@ -36,6 +36,7 @@ def build_app(settings: ServeSettings) -> FastAPI:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await asyncio.to_thread(gateway.engine.stop)
+                await asyncio.to_thread(gateway.capture.close)
 
     app = FastAPI(title="tuneops gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(app)

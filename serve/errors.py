@@ -74,6 +74,20 @@ class ModelNotFound(APIError):
         super().__init__(f"The model '{model}' {why}.", param="model")
 
 
+class CompletionNotFound(APIError):
+    """Feedback names a completion with no trace: unknown, not sampled, or captured by no gateway."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "completion_not_found"
+
+    def __init__(self, completion_id: str) -> None:
+        super().__init__(
+            f"No captured completion has the id '{completion_id}' (unknown, or not kept by capture.sample_rate).",
+            param="completion_id",
+        )
+
+
 class RouteNotFound(APIError):
     status = 404
     type = "invalid_request_error"
@@ -118,6 +132,12 @@ class QueueTimeout(NotReady):
 
     def __init__(self, timeout_s: float) -> None:
         super().__init__(f"The request waited more than {timeout_s:g} s in the queue.")
+
+
+class TrackingUnavailable(NotReady):
+    """The tracking server that stores traces and feedback cannot be reached or refused the write."""
+
+    code = "tracking_unavailable"
 
 
 class EngineFailure(APIError):

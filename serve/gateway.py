@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.auth import KeyCheck
+from serve.capture import TrafficCapture
 from serve.engine import Engine
 from serve.metrics import Metrics
 from serve.serving import OpenAIServingChat, OpenAIServingCompletion
@@ -38,7 +39,8 @@ class Gateway:
         self.directory = VersionDirectory(settings, self.engine, self.metrics, workdir)
         self.chat = OpenAIServingChat(self.engine, self.directory, limits, settings.log_prompts)
         self.completion = OpenAIServingCompletion(self.engine, self.directory, limits, settings.log_prompts)
-        self.keys = KeyCheck(settings.api_keys)
+        self.keys = KeyCheck(settings.api_keys, settings.api_key_labels)
+        self.capture = TrafficCapture.attach(self)
         self.draining = False
         self.startup_done = False
         self.metrics.ready.set_function(lambda: float(self.ready()))

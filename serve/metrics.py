@@ -99,4 +99,14 @@ class Metrics:
         self.num_failed_versions = Gauge(
             "tuneops:num_failed_versions", "Versions whose last load failed, waiting for their next try.", registry=r
         )
+        self.traces_written = Counter(
+            "tuneops:traces_written", "Request traces written to MLflow.", ("model_name",), registry=r
+        )
+        self.traces_dropped = Counter(
+            "tuneops:traces_dropped",
+            "Request traces not written: buffer_full (the tracking server fell behind) or write_failed.",
+            ("model_name", "reason"),
+            registry=r,
+        )
+        self.traces_queued = Gauge("tuneops:traces_queued", "Request traces waiting to be written.", registry=r)
         self.ready = Gauge("tuneops:ready", "1 when the gateway is ready to serve.", registry=r)

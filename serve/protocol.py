@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # a seed is a 64-bit signed integer, as in OpenAI and vLLM
 
@@ -172,3 +172,29 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class FeedbackRequest(Strict):
+    completion_id: str = Field(
+        min_length=1, max_length=128, description="The id of the answer rated ('chatcmpl-...' or 'cmpl-...')."
+    )
+    rating: str | int = Field(description="'good' or 'bad', or 1 (worst) to 5 (best).")
+    comment: str | None = Field(None, max_length=10_000, description="Why; stored with e-mails, numbers masked.")
+    correction: str | None = Field(
+        None, max_length=100_000, description="The answer that should have been given; stored masked."
+    )
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _rating(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value not in ("good", "bad", 1, 2, 3, 4, 5):
+            raise ValueError("must be 'good', 'bad' or an integer from 1 to 5")
+        return value
+
+
+class FeedbackReceipt(BaseModel):
+    object: Literal["feedback"] = Field("feedback", description="Always 'feedback'.")
+    id: str = Field(description="The MLflow assessment id of the stored rating.")
+    completion_id: str = Field(description="The answer rated.")
+    trace_id: str = Field(description="The MLflow trace of that answer.")
+    rating: float = Field(description="The rating normalised to [0, 1]: good 1, bad 0, 1-5 as (r-1)/4.")

@@ -18,8 +18,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from core.chat import prompt_ids
 from core.registry import Manifest
@@ -28,6 +28,9 @@ from serve.engine import Engine, Event, Failed, Finished, Job, SamplingParams, T
 from serve.errors import APIError, ContextLengthExceeded, InvalidRequest, Unsupported, sse_event
 from serve.settings import Limits
 from serve.versions import Served, VersionDirectory
+
+if TYPE_CHECKING:
+    from serve.capture import TrafficCapture
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,11 @@ class PreparedRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    ref: str = ""  # the model as the client named it
+    content: Any = None  # chat messages or completion prompts as sent, for traffic capture
+    arrived: float = field(default_factory=time.perf_counter)  # set by the route to the request's arrival
+    arrived_at: float = field(default_factory=time.time)  # the same moment, epoch seconds
+    api_key_label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +257,8 @@ class OpenAIServing(ABC, Generic[R]):
 
     request_type: ClassVar[type[p.SamplingFields]]
     id_prefix: ClassVar[str]
+    endpoint: ClassVar[str]
+    capture: TrafficCapture | None = None  # set by the gateway when traffic capture is on
 
     def __init__(self, engine: Engine, directory: VersionDirectory, limits: Limits, log_prompts: bool) -> None:
         self.engine = engine
@@ -350,16 +360,46 @@ class OpenAIServing(ABC, Generic[R]):
     async def complete(
         self, prep: PreparedRequest, name: str, disconnected: Callable[[], Any]
     ) -> p.ChatCompletion | p.Completion:
-        queue, jobs = self.submit(prep)
         texts: dict[int, str] = {}
         reasons: dict[int, str] = {}
         tokens = 0
-        async for event in self.events(queue, jobs, disconnected):
-            texts[event.index] = texts.get(event.index, "") + event.text
-            if isinstance(event, Finished):
-                reasons[event.index] = event.reason
-                tokens += event.completion_tokens
-        return self.response(name, texts, reasons, self.usage(prep, tokens))
+        first: float | None = None
+        try:
+            queue, jobs = self.submit(prep)
+            async for event in self.events(queue, jobs, disconnected):
+                first = first or time.perf_counter()
+                texts[event.index] = texts.get(event.index, "") + event.text
+                if isinstance(event, Finished):
+                    reasons[event.index] = event.reason
+                    tokens += event.completion_tokens
+        except Exception as exc:
+            self._captured(prep, p._id(self.id_prefix), texts, reasons, tokens, first, exc)
+            raise
+        body = self.response(name, texts, reasons, self.usage(prep, tokens))
+        self._captured(prep, body.id, texts, reasons, tokens, first, self._abandoned(prep, jobs, reasons))
+        return body
+
+    def _captured(
+        self,
+        prep: PreparedRequest,
+        completion_id: str,
+        texts: dict[int, str],
+        reasons: dict[int, str],
+        tokens: int,
+        first: float | None,
+        error: BaseException | None,
+    ) -> None:
+        if self.capture is not None:
+            self.capture.finished(prep, self.endpoint, completion_id, texts, reasons, tokens, first, error)
+
+    @staticmethod
+    def _abandoned(prep: PreparedRequest, jobs: list[Job], reasons: dict[int, str]) -> APIError | None:
+        """The error a request records when its client left before every choice finished."""
+        if len(reasons) >= len(jobs) * prep.params.n:
+            return None
+        error = APIError("The client disconnected before the answer was complete.", code="client_disconnected")
+        error.status = 499
+        return error
 
     @staticmethod
     def usage(prep: PreparedRequest, completion_tokens: int) -> p.Usage:
@@ -370,8 +410,12 @@ class OpenAIServing(ABC, Generic[R]):
 
     def stream(self, prep: PreparedRequest, name: str) -> AsyncIterator[str]:
         """SSE lines; admission errors are raised here, before the response starts."""
-        queue, jobs = self.submit(prep)
         head = StreamHead(p._id(self.id_prefix), int(time.time()), name, prep.include_usage)
+        try:
+            queue, jobs = self.submit(prep)
+        except Exception as exc:
+            self._captured(prep, head.id, {}, {}, 0, None, exc)
+            raise
         return self._stream(prep, head, queue, jobs)
 
     async def _stream(
@@ -382,8 +426,14 @@ class OpenAIServing(ABC, Generic[R]):
 
         started: set[int] = set()
         tokens = 0
+        texts: dict[int, str] = {}
+        reasons: dict[int, str] = {}
+        first: float | None = None
+        error: BaseException | None = None
         try:
             async for event in self.events(queue, jobs):
+                first = first or time.perf_counter()
+                texts[event.index] = texts.get(event.index, "") + event.text
                 if event.index not in started:
                     started.add(event.index)
                     opening = self.opening(head, event.index)
@@ -393,16 +443,21 @@ class OpenAIServing(ABC, Generic[R]):
                     yield sse(self.chunk(head, event.index, event.text, None))
                 elif isinstance(event, Finished):
                     tokens += event.completion_tokens
+                    reasons[event.index] = event.reason
                     if event.text:
                         yield sse(self.chunk(head, event.index, event.text, None))
                     yield sse(self.chunk(head, event.index, None, event.reason))
             if prep.include_usage:
                 yield f"data: {self.usage_chunk(head, self.usage(prep, tokens)).model_dump_json()}\n\n"
         except APIError as exc:
+            error = exc
             yield sse_event(exc)
         except Exception as exc:  # never a stack trace on the wire
             log.exception("stream failed")
-            yield sse_event(APIError(f"The server had an error while streaming: {type(exc).__name__}"))
+            error = APIError(f"The server had an error while streaming: {type(exc).__name__}")
+            yield sse_event(error)
+        finally:  # also when the client went away and the response was closed mid-stream
+            self._captured(prep, head.id, texts, reasons, tokens, first, error or self._abandoned(prep, jobs, reasons))
         yield "data: [DONE]\n\n"
 
 
@@ -411,6 +466,7 @@ class OpenAIServingChat(OpenAIServing[p.ChatCompletionRequest]):
 
     request_type = p.ChatCompletionRequest
     id_prefix = "chatcmpl"
+    endpoint = "chat"
 
     async def prepare(self, req: p.ChatCompletionRequest) -> PreparedRequest:
         refuse_unsupported(req)
@@ -436,6 +492,8 @@ class OpenAIServingChat(OpenAIServing[p.ChatCompletionRequest]):
             params,
             bool(req.stream),
             bool(req.stream_options and req.stream_options.include_usage),
+            ref=req.model,
+            content=messages,
         )
 
     def response(self, name: str, texts: dict[int, str], reasons: dict[int, str], usage: p.Usage) -> p.ChatCompletion:
@@ -467,6 +525,7 @@ class OpenAIServingCompletion(OpenAIServing[p.CompletionRequest]):
 
     request_type = p.CompletionRequest
     id_prefix = "cmpl"
+    endpoint = "completions"
 
     async def prepare(self, req: p.CompletionRequest) -> PreparedRequest:
         refuse_unsupported(req)
@@ -490,6 +549,8 @@ class OpenAIServingCompletion(OpenAIServing[p.CompletionRequest]):
             params,
             bool(req.stream),
             bool(req.stream_options and req.stream_options.include_usage),
+            ref=req.model,
+            content=prompts,
         )
 
     def response(self, name: str, texts: dict[int, str], reasons: dict[int, str], usage: p.Usage) -> p.Completion:

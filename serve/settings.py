@@ -69,6 +69,56 @@ class Limits(BaseModel):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with a 429.")
 
 
+class CaptureSettings(BaseModel):
+    """Served traffic as MLflow traces (core/traffic.py): what is kept, where, and how much may wait."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Write one MLflow trace per answered request.")
+    experiment: str = Field(
+        "traffic/{model}",
+        description="Experiment the traces of each served model go to; {model} is the model name.",
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI the traces go to; default: the gateway's tracking_uri."
+    )
+    sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="Share of requests kept (drawn per request).")
+    content: bool = Field(
+        True,
+        description="Store prompts and answers (e-mails, phone, card and account numbers masked first); "
+        "false: only sizes, timings and outcome.",
+    )
+    buffer_size: int = Field(
+        1024,
+        ge=1,
+        description="Traces waiting to be written; beyond it new ones are dropped and counted in /metrics, so a "
+        "slow or unreachable tracking server never holds a request.",
+    )
+    feedback_wait_s: float = Field(
+        10.0,
+        ge=0.0,
+        description="How long POST /v1/feedback waits for the trace of its completion to be written when it is "
+        "still queued.",
+    )
+    feedback_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="Longest POST /v1/feedback may take (finding the trace, storing the rating) before it answers "
+        "503; bounds the wait on a slow or unreachable tracking server.",
+    )
+
+    @field_validator("experiment")
+    @classmethod
+    def _names_model(cls, template: str) -> str:
+        try:
+            name = template.format(model="m")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"the only placeholder allowed is {{model}} ({exc})") from None
+        if "{model}" not in template or not name.strip():
+            raise ValueError("the experiment must name {model}: one experiment per served model")
+        return template
+
+
 class ServeSettings(BaseSettings):
     """Everything `tuneops serve` needs; see configs/serve.yaml."""
 
@@ -100,6 +150,11 @@ class ServeSettings(BaseSettings):
         default_factory=list,
         description="sha256 hex digests of accepted API keys "
         "(optionally prefixed 'sha256:'); empty: no authentication.",
+    )
+    api_key_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="A name per API key, by its sha256 digest, recorded with its requests and feedback; a key "
+        "without one is labelled key-<first 8 hex digits of its digest>. The key itself is never recorded.",
     )
     allow_unauthenticated: bool = Field(
         False,
@@ -136,6 +191,9 @@ class ServeSettings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish before the server exits."
     )
     limits: Limits = Field(default_factory=Limits, description="Admission control.")
+    capture: CaptureSettings = Field(
+        default_factory=CaptureSettings, description="Traffic capture as MLflow traces, and feedback on it."
+    )
 
     @field_validator("api_keys")
     @classmethod
@@ -150,6 +208,20 @@ class ServeSettings(BaseSettings):
                 )
         return [k.removeprefix("sha256:") for k in keys]
 
+    @field_validator("api_key_labels")
+    @classmethod
+    def _labelled_digests(cls, labels: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for digest, label in labels.items():
+            if not SHA256.match(digest):
+                raise PydanticCustomError(
+                    "hashed_key", "api_key_labels is keyed by sha256 hex digests, never keys", {"secret": True}
+                )
+            if not label.strip():
+                raise ValueError("an API-key label must not be empty")
+            out[digest.removeprefix("sha256:")] = label
+        return out
+
     @model_validator(mode="after")
     def _authenticated_off_loopback(self) -> ServeSettings:
         if not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
@@ -157,6 +229,13 @@ class ServeSettings(BaseSettings):
                 f"host {self.host} is reachable from other machines but api_keys is empty: add keys "
                 "(`tuneops serve-key-hash`), listen on 127.0.0.1, or set allow_unauthenticated: true"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _labels_name_keys(self) -> ServeSettings:
+        unknown = set(self.api_key_labels) - set(self.api_keys)
+        if unknown:
+            raise ValueError(f"api_key_labels names {len(unknown)} digest(s) that are not in api_keys")
         return self
 
     @classmethod
