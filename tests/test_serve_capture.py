@@ -198,3 +198,47 @@ def test_a_down_tracking_server_neither_fails_nor_holds_requests_and_drops_are_c
         # Feedback on an answer whose trace cannot be written is a clear 503, not a hang.
         reply = running.post("/v1/feedback", json={"completion_id": ids[0], "rating": "good"})
         assert reply.status_code == 503 and reply.json()["error"]["code"] == "tracking_unavailable"
+
+
+def test_the_shipped_config_turns_capture_on_and_every_capture_field_is_described(monkeypatch):
+    from pathlib import Path
+
+    from serve.settings import CaptureSettings, load_settings
+
+    s = load_settings(Path(__file__).parents[1] / "configs" / "serve.yaml")
+    assert (s.capture.enabled, s.capture.experiment, s.capture.sample_rate) == (True, "traffic/{model}", 1.0)
+    assert all(f.description for f in CaptureSettings.model_fields.values())
+    monkeypatch.setenv("TUNEOPS_SERVE_CAPTURE__ENABLED", "false")
+    assert load_settings(Path(__file__).parents[1] / "configs" / "serve.yaml").capture.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("capture: {sample_rate: 1.5}\n", "capture.sample_rate (line 2)"),
+        ("capture: {experiment: traffic}\n", "capture.experiment (line 2)"),
+        ("capture: {experiment: 'traffic/{name}'}\n", "capture.experiment (line 2)"),
+        ("capture: {buffer_sise: 3}\n", "capture.buffer_sise (line 2)"),
+        (f"api_key_labels: {{'{'b' * 64}': bob}}\n", "not in api_keys"),
+    ],
+)
+def test_bad_capture_settings_are_refused_with_their_line(tmp_path, text, problem):
+    from core.errors import ConfigError
+    from serve.settings import load_settings
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("models: [m]\n" + text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert problem in str(err.value)
+
+
+def test_a_plain_key_in_the_labels_is_never_printed_back(tmp_path):
+    from core.errors import ConfigError
+    from serve.settings import load_settings
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("models: [m]\napi_key_labels: {sk-very-secret-key: me}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert "api_key_labels" in str(err.value) and "sk-very-secret" not in str(err.value)
