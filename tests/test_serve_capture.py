@@ -181,6 +181,35 @@ def test_content_false_keeps_the_numbers_and_not_the_text(fresh_store):
     assert rec.completion_tokens == 4 and rec.api_key_label is None and rec.finish_reasons == ("length",)
 
 
+def test_refused_and_abandoned_requests_are_traced_as_errors(fresh_store):
+    import httpx
+    import openai
+
+    limits = {"max_batch_size": 1, "max_queue": 0, "max_tokens": 1800}
+    with running_gateway(["tiny-model"], limits=limits) as running:
+        client = running.client()
+        stream = client.chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=1800, stream=True)
+        it = iter(stream)
+        head = next(it)
+        with pytest.raises(openai.RateLimitError):  # the one batch row is taken, and no request may wait
+            client.chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=2)
+        stream.close()
+        wait_for(lambda: running.metric("tuneops:num_requests_running") == 0, "the abandoned stream to leave")
+        with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+            httpx.post(
+                running.url + "/v1/chat/completions",
+                timeout=1.0,
+                json={"model": "tiny-model", "messages": CHAT, "max_tokens": 1800},
+            )
+        wait_for(lambda: len(traffic(fresh_store)) == 3, "three traces")
+    gone, refused, timed_out = traffic(fresh_store)  # oldest first: the stream arrived before the other two
+    assert (refused.status, refused.http_status, refused.completion_tokens) == ("error", 429, 0)
+    assert refused.error and "capacity" in refused.error and refused.ttft_s is None
+    assert (gone.request_id, gone.status, gone.http_status) == (head.id, "error", 499)
+    assert gone.finish_reasons == () and gone.completion  # the text sent before it left (tokens count finished choices)
+    assert (timed_out.status, timed_out.http_status, timed_out.finish_reasons) == ("error", 499, ())
+
+
 def test_a_down_tracking_server_neither_fails_nor_holds_requests_and_drops_are_counted(fresh_store):
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     capture = {"tracking_uri": down, "buffer_size": 2, "feedback_wait_s": 0.5, "feedback_timeout_s": 5}
