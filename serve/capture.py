@@ -1,19 +1,24 @@
 """Traffic capture: each finished request becomes an MLflow trace, written off the request path.
 
-A request only draws its sample and puts a record into a bounded buffer (no I/O, no masking); one writer thread
-masks the content and writes the trace (core/traffic.py). When the buffer is full the record is dropped and
-counted (`tuneops:traces_dropped`), so a slow or unreachable tracking server never slows, holds or fails a
-request. The writer remembers which completion id became which trace, so feedback on an answer whose trace is
-still queued waits for it briefly instead of missing it.
+A request only draws its sample and puts a record into a bounded buffer (no I/O, no masking). A writer process
+masks the content and writes the traces (core/traffic.py): a process, not a thread, so the tracking store's
+client code (SQLAlchemy for a database URI: ~30 ms of Python per trace) never competes with the engine for the
+interpreter lock, and a writer stuck on an unreachable server can be stopped at shutdown. When the buffer is full
+the record is dropped and counted (`tuneops:traces_dropped`), so a slow or unreachable tracking server never
+slows, holds or fails a request. The writer reports which completion id became which trace, so feedback on an
+answer whose trace is still queued waits for it briefly instead of missing it.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
+import multiprocessing
 import queue
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,30 +39,37 @@ REMEMBERED = 4096  # completion ids -> trace ids kept for feedback; older ones a
 WARN_EVERY_S = 60.0  # at most one log line per minute about a failing tracking server
 FEEDBACK_THREADS = 2  # feedback calls to the tracking server at once; a hung server ties up only these
 
+# (completion id, model, trace id or None, error or None): what the writer reports per record
+Written = tuple[str, str, str | None, str | None]
+
 
 class TrafficCapture:
-    """The bounded buffer and the writer thread of one gateway."""
+    """The bounded buffer, the writer process and what it reported, for one gateway."""
 
     def __init__(self, settings: CaptureSettings, tracking_uri: str, metrics: Metrics, models: list[str]) -> None:
         self.settings = settings
         self.tracking_uri = tracking_uri
         self.metrics = metrics
         self.models = list(models)
-        self._queue: queue.Queue[Capture | None] = queue.Queue(settings.buffer_size)
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch and uvicorn threads
+        self._ctx = ctx
+        self._inbox: Any = None  # multiprocessing queues, made with the writer on first use
+        self._outbox: Any = None
+        self._writer: Any = None
+        self._collector: threading.Thread | None = None
+        self._in_flight: collections.Counter[str] = collections.Counter()  # per model: handed over, not reported
         self._pending: dict[str, threading.Event] = {}  # completion id -> set once its trace is written or lost
         self._written: collections.OrderedDict[str, str] = collections.OrderedDict()  # completion id -> trace id
-        self._experiments: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._closed = False
         self._warned = 0.0
         # Its own threads: a feedback call stuck on an unreachable server never starves the gateway's other work.
         self.feedback_pool = ThreadPoolExecutor(FEEDBACK_THREADS, thread_name_prefix="tuneops-feedback")
-        metrics.traces_queued.set_function(self._queue.qsize)
+        metrics.traces_queued.set_function(lambda: sum(self._in_flight.values()))
 
     @classmethod
     def attach(cls, gateway: Gateway) -> TrafficCapture:
-        """A capture for `gateway`, hooked into its chat and completion endpoints."""
+        """A capture for `gateway`, hooked into its chat and completion endpoints when capture is enabled."""
         from core.registry import tracking_uri
 
         settings = gateway.settings
@@ -113,15 +125,15 @@ class TrafficCapture:
             prompt=_prompt_text(prep.content) if content and endpoint == "completions" else None,
             completions=[texts.get(i, "") for i in sorted(set(texts) | set(reasons))] if content else None,
         )
+        inbox = self._inbox if self._inbox is not None else self._start()
         with self._lock:
             self._pending[completion_id] = threading.Event()
+            self._in_flight[record.model] += 1
         try:
-            self._queue.put_nowait(record)
+            inbox.put_nowait(record)  # pickled and sent by the queue's own feeder thread
         except queue.Full:
-            self._forget(completion_id)
+            self._reported(completion_id, record.model, None, None)
             self.metrics.traces_dropped.labels(record.model, "buffer_full").inc()
-            return
-        self._ensure_thread()
 
     # feedback --------------------------------------------------------------------------------------------------
 
@@ -152,77 +164,104 @@ class TrafficCapture:
 
     # writer ----------------------------------------------------------------------------------------------------
 
-    def _ensure_thread(self) -> None:
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._write_all, name="tuneops-capture", daemon=True)
-                    self._thread.start()
+    def _start(self) -> Any:
+        with self._lock:
+            if self._inbox is None:
+                self._outbox = self._ctx.Queue()
+                inbox = self._ctx.Queue(self.settings.buffer_size)
+                self._writer = self._ctx.Process(
+                    target=write_traces,
+                    args=(self.tracking_uri, self.settings.experiment, inbox, self._outbox),
+                    name="tuneops-capture",
+                    daemon=True,
+                )
+                self._writer.start()
+                self._collector = threading.Thread(target=self._collect, name="tuneops-capture", daemon=True)
+                self._collector.start()
+                self._inbox = inbox
+        return self._inbox
 
-    def _write_all(self) -> None:
+    def _collect(self) -> None:
+        """Take the writer's reports: metrics, completion id -> trace id, and wake feedback waiting on them."""
         while True:
-            record = self._queue.get()
-            if record is None:
+            report: Written | None = self._outbox.get()
+            if report is None:
                 return
-            try:
-                trace_id = self._write(record)
-            except Exception as exc:  # a down or refusing tracking server: count it, keep serving
-                self.metrics.traces_dropped.labels(record.model, "write_failed").inc()
+            completion_id, model, trace_id, error = report
+            if trace_id is not None:
+                self.metrics.traces_written.labels(model).inc()
+            else:
+                self.metrics.traces_dropped.labels(model, "write_failed").inc()
                 now = time.monotonic()
                 if now - self._warned > WARN_EVERY_S:
                     self._warned = now
-                    log.warning("traffic capture: writing a trace to %s failed: %s", self.tracking_uri, exc)
-                self._forget(record.request_id)
-            else:
-                self.metrics.traces_written.labels(record.model).inc()
-                with self._lock:
-                    self._written[record.request_id] = trace_id
-                    while len(self._written) > REMEMBERED:
-                        self._written.popitem(last=False)
-                self._forget(record.request_id)
+                    log.warning("traffic capture: writing a trace to %s failed: %s", self.tracking_uri, error)
+            self._reported(completion_id, model, trace_id, error)
 
-    def _write(self, record: Capture) -> str:
-        from mlflow import MlflowClient
-
-        experiment = self._experiments.get(record.model)
-        if experiment is None:
-            name = traffic_experiment(record.model, self.settings.experiment)
-            experiment = self._experiments[record.model] = experiment_id(MlflowClient(self.tracking_uri), name)
-        return write_trace(self.tracking_uri, experiment, _masked(record))
-
-    def _forget(self, completion_id: str) -> None:
+    def _reported(self, completion_id: str, model: str, trace_id: str | None, error: str | None) -> None:
         with self._lock:
+            self._in_flight[model] -= 1
+            if trace_id is not None:
+                self._written[completion_id] = trace_id
+                while len(self._written) > REMEMBERED:
+                    self._written.popitem(last=False)
             event = self._pending.pop(completion_id, None)
         if event is not None:
             event.set()
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop taking records; write what is queued for up to `timeout_s`, then leave the rest (counted)."""
+        """Stop taking records; let the writer finish what is queued for up to `timeout_s`, then stop it.
+
+        What it had not written by then is counted as dropped (reason `shutdown`).
+        """
         self._closed = True
         self.feedback_pool.shutdown(wait=False, cancel_futures=True)
-        thread = self._thread
-        if thread is None:
+        if self._inbox is None:
             return
         deadline = time.monotonic() + timeout_s
-        while thread.is_alive():
-            try:
-                self._queue.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                if time.monotonic() > deadline:
-                    break
-        thread.join(max(0.0, deadline - time.monotonic()))
-        lost = 0
-        while True:
-            try:
-                record = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if record is not None:
-                lost += 1
-                self.metrics.traces_dropped.labels(record.model, "shutdown").inc()
+        with contextlib.suppress(queue.Full):
+            self._inbox.put(None, timeout=timeout_s)
+        self._writer.join(max(0.0, deadline - time.monotonic()))
+        if self._writer.is_alive():
+            self._writer.terminate()
+            self._writer.join(5)
+        self._outbox.put(None)
+        if self._collector is not None:
+            self._collector.join(5)
+        lost = +self._in_flight
         if lost:
-            log.warning("traffic capture: %d traces not written at shutdown", lost)
+            log.warning("traffic capture: %d traces not written at shutdown", sum(lost.values()))
+            for model, count in lost.items():
+                self.metrics.traces_dropped.labels(model, "shutdown").inc(count)
+        self._inbox.cancel_join_thread()  # records the writer never took are dropped, not awaited at exit
+        self._inbox.close()
+        self._outbox.close()
+
+
+def write_traces(tracking_uri: str, template: str, inbox: Any, outbox: Any) -> None:
+    """The writer process: mask and write each record until None arrives; report each outcome."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the gateway, which stops this
+    from mlflow import MlflowClient
+
+    experiments: dict[str, str] = {}
+    while True:
+        record: Capture | None = inbox.get()
+        if record is None:
+            return
+        try:
+            experiment = experiments.get(record.model)
+            if experiment is None:
+                name = traffic_experiment(record.model, template)
+                experiment = experiments[record.model] = experiment_id(MlflowClient(tracking_uri), name)
+            report: Written = (
+                record.request_id,
+                record.model,
+                write_trace(tracking_uri, experiment, _masked(record)),
+                None,
+            )
+        except Exception as exc:  # a down or refusing tracking server: reported, counted, the gateway serves on
+            report = (record.request_id, record.model, None, f"{type(exc).__name__}: {exc}")
+        outbox.put(report)
 
 
 def _prompt_text(prompts: Any) -> str | None:

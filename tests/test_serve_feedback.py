@@ -80,28 +80,27 @@ def test_ratings_are_normalised_to_zero_one(gateway, store, rating, normalised):
     assert (fb.rating, fb.raw_rating, fb.comment, fb.correction) == (normalised, rating, None, None)
 
 
-def test_feedback_on_an_answer_whose_trace_is_still_queued_waits_for_it(gateway, store, monkeypatch):
-    import serve.capture
+def test_feedback_on_an_answer_whose_trace_is_still_queued_waits_for_it(gateway, store):
+    import sqlite3
 
-    release = threading.Event()
-    real = serve.capture.write_trace
-
-    def held(*args, **kwargs):
-        assert release.wait(60)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(serve.capture, "write_trace", held)  # the tracking server is slow for a moment
     cid = answer(gateway)
-    replies = []
-    thread = threading.Thread(
-        target=lambda: replies.append(
-            gateway.post("/v1/feedback", headers=AUTH, json={"completion_id": cid, "rating": 2})
+    record(store.uri, cid)  # the writer is up and the experiment exists
+    db = sqlite3.connect(store.uri.removeprefix("sqlite:///"), isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")  # the store is busy for a moment: the next trace waits in the writer
+    try:
+        cid = answer(gateway)
+        replies: list = []
+        thread = threading.Thread(
+            target=lambda: replies.append(
+                gateway.post("/v1/feedback", headers=AUTH, json={"completion_id": cid, "rating": 2})
+            )
         )
-    )
-    thread.start()
-    thread.join(1.0)
-    assert thread.is_alive() and not replies  # waiting for the trace, not answering 404
-    release.set()
+        thread.start()
+        thread.join(2.0)
+        assert thread.is_alive() and not replies  # waiting for the trace, not answering 404
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
     thread.join(60)
     assert replies[0].status_code == 200, replies[0].text
     (fb,) = record(store.uri, cid, with_feedback=1).feedback
