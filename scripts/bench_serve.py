@@ -1,16 +1,19 @@
 """Serving benchmark: N concurrent OpenAI clients (1, 4, 16) against the tuneops gateway and its baselines.
 
-Targets, run one after another on the same model (SmolLM2-135M-Instruct, bf16 where core.device picks it):
-  gateway      `tuneops serve` (continuous batching) on a registered LoRA version of the base
+Targets, run one after another on the same model (SmolLM2-135M-Instruct, in the dtype core.device picks):
+  gateway      `tuneops serve` on version 1 of a registered LoRA model (alias production)
+  mixed        the same gateway, half the clients on version 1 and half on version 2 (alias candidate)
   serial       the same gateway with max_batch_size=1: one request at a time
-  hf-serve     `transformers serve --continuous-batching` on the converted base folder
+  hf-serve     `transformers serve --continuous-batching` on version 1 merged into the base (a plain folder)
   in-process   PeftModel.generate in this process, 1 client (no HTTP), the single-stream reference
-The adapter is a LoRA initialised to zero (B=0): it runs like any adapter (unmerged) but answers exactly as
-the base, so every target produces the same greedy text and lengths. Each client sends the same fixed chat
-requests (temperature 0, max_tokens fixed) and streams them; reported: TTFT, inter-token latency and e2e
-latency (p50/p99), output tokens/s over the whole run, failures.
+The versions are LoRA adapters with small random weights: real deltas on every linear layer that keep the
+answers close to the base's. Each client sends the same fixed chat requests (temperature 0, max_tokens fixed)
+and streams them; reported: TTFT, inter-token latency and e2e latency (p50/p99), output tokens/s over the
+whole run (completion tokens as each server counts them), failures, and the load average before each target.
+Ratios against hf-serve (and mixed against gateway) are printed only when every load average before a run
+was at most --max-load: figures taken beside other work are not figures.
 
-    .venv/bin/python scripts/bench_serve.py [--clients 1 4 16] [--max-tokens 128] [--targets ...] [--json out]
+    .venv/bin/python scripts/bench_serve.py [--clients 1 16] [--max-tokens 128] [--targets ...] [--json out]
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Result:
     wall: float = 0.0
     samples: list[Sample] = field(default_factory=list)
     failures: int = 0
+    load: float = field(default_factory=lambda: os.getloadavg()[0])  # 1-minute load average before the run
 
     def row(self) -> dict:
         def pct(values: list[float], q: float) -> float:
@@ -83,6 +87,7 @@ class Result:
             "e2e_p50": pct(e2e, 0.5),
             "e2e_p99": pct(e2e, 0.99),
             "mean_tokens": tokens / len(self.samples) if self.samples else 0.0,
+            "load_before": self.load,
         }
 
 
@@ -120,14 +125,15 @@ async def one_request(client, model: str, question: str, max_tokens: int) -> Sam
     )
 
 
-async def load(base_url: str, model: str, target: str, clients: int, requests: int, max_tokens: int) -> Result:
+async def load(base_url: str, models: list[str], target: str, clients: int, requests: int, max_tokens: int) -> Result:
+    """`clients` workers share `requests` requests; worker i asks `models[i % len(models)]`."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
     result = Result(target, clients)
     queue = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
 
-    async def worker() -> None:
+    async def worker(model: str) -> None:
         while queue:
             question = queue.pop()
             try:
@@ -136,9 +142,10 @@ async def load(base_url: str, model: str, target: str, clients: int, requests: i
                 result.failures += 1
                 print(f"  failure ({target}): {type(exc).__name__}: {exc}", file=sys.stderr)
 
-    await one_request(client, model, QUESTIONS[0], 4)  # warm the connection and the server
+    for model in models:
+        await one_request(client, model, QUESTIONS[0], 4)  # warm the connection and the server
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
+    await asyncio.gather(*(worker(models[i % len(models)]) for i in range(clients)))
     result.wall = time.perf_counter() - start
     await client.close()
     return result
@@ -160,8 +167,9 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def register_version(work: Path) -> str:
-    """A zero-initialised LoRA version of the real base in a fresh MLflow store; returns the tracking URI."""
+def register_versions(work: Path) -> str:
+    """Versions 1 (production) and 2 (candidate) of a LoRA model in a fresh MLflow store, and version 1 merged
+    into a plain model folder (`work/merged`) for the peer; returns the tracking URI."""
     import mlflow
     import torch
     from peft import LoraConfig, get_peft_model
@@ -173,10 +181,10 @@ def register_version(work: Path) -> str:
 
     base = resolve_base_model("smollm2-135m-instruct")
     tokenizer = load_tokenizer(base)
-    model = get_peft_model(
-        load_causal_lm(base, torch.device("cpu"), torch.float32),
-        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-    )
+    uri = f"sqlite:///{work}/mlflow.db"
+    os.chdir(work)
+    client = connect(uri)
+    mlflow.set_experiment("bench")
     manifest = Manifest(
         base_model=base.name,
         base_digest=base.digest,
@@ -184,15 +192,40 @@ def register_version(work: Path) -> str:
         eos_token=tokenizer.eos_token,
         job_name="bench",
     )
-    bundle = write_bundle(work / "bundle", model, tokenizer, manifest)
-    uri = f"sqlite:///{work}/mlflow.db"
-    os.chdir(work)
-    client = connect(uri)
-    mlflow.set_experiment("bench")
-    with mlflow.start_run():
-        mv = publish_version(bundle, MODEL_NAME, pip_requirements=["torch"])
-    move_alias(client, MODEL_NAME, PRODUCTION, str(mv.version), "benchmark")
+    for seed, alias in ((1, PRODUCTION), (2, "candidate")):
+        model = get_peft_model(
+            load_causal_lm(base, torch.device("cpu"), torch.float32),
+            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+        )
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 1e-3)
+        bundle = write_bundle(work / f"bundle-{seed}", model, tokenizer, manifest)
+        with mlflow.start_run():
+            mv = publish_version(bundle, MODEL_NAME, pip_requirements=["torch"])
+        move_alias(client, MODEL_NAME, alias, str(mv.version), "benchmark")
+        if seed == 1:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(work / "merged")
+            tokenizer.save_pretrained(work / "merged")
     return uri
+
+
+def serve_dtype() -> str:
+    from core.device import choose_device, choose_dtype, dtype_name
+
+    return dtype_name(choose_dtype("auto", choose_device("auto")))
+
+
+def cpu_flags() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
 def start_gateway(uri: str, port: int, max_batch: int, work: Path, threads: int) -> subprocess.Popen:
@@ -225,9 +258,8 @@ def start_gateway(uri: str, port: int, max_batch: int, work: Path, threads: int)
 
 
 def start_hf_serve(port: int, work: Path, threads: int, cb_args: list[str]) -> tuple[subprocess.Popen, str]:
-    from core.models import resolve_base_model
-
-    path = str(resolve_base_model("smollm2-135m-instruct").path)
+    path = str(work / "merged")
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(serve_dtype(), "float32")
     exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
     proc = subprocess.Popen(
         [
@@ -238,7 +270,7 @@ def start_hf_serve(port: int, work: Path, threads: int, cb_args: list[str]) -> t
             "--device",
             "cpu",
             "--dtype",
-            "bfloat16",
+            dtype,
             "--port",
             str(port),
             "--host",
@@ -267,7 +299,7 @@ def in_process(max_tokens: int, requests: int, threads: int) -> Result:
     device = choose_device("auto")
     tok = load_tokenizer(base)
     model = load_causal_lm(base, device, choose_dtype("auto", device))
-    bench = Path(os.getcwd()) / "bundle" / "adapter"
+    bench = Path(os.getcwd()) / "bundle-1" / "adapter"
     model = PeftModel.from_pretrained(model, bench, autocast_adapter_dtype=False).to(model.dtype).eval()
 
     class Clock(BaseStreamer):
@@ -315,25 +347,43 @@ def in_process(max_tokens: int, requests: int, threads: int) -> Result:
 def table(rows: list[dict]) -> str:
     head = (
         "| target | clients | requests | failures | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
-        "| e2e p50 / p99 (s) | mean tokens |"
+        "| e2e p50 / p99 (s) | mean tokens | load before |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['target']} | {r['clients']} | {r['requests']} | {r['failures']} | {r['tok_s']:.1f} | "
             f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} | {r['itl_p50'] * 1e3:.1f} / "
             f"{r['itl_p99'] * 1e3:.1f} | {r['e2e_p50']:.2f} / {r['e2e_p99']:.2f} | "
-            f"{r['mean_tokens']:.0f} |"
+            f"{r['mean_tokens']:.0f} | {r['load_before']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict], max_load: float) -> str:
+    """gateway / hf-serve at each client level, and mixed / gateway; withheld when a run had foreign load."""
+    by = {(r["target"], r["clients"]): r for r in rows}
+    lines = []
+    for target, base in (("gateway", "hf-serve"), ("mixed", "gateway")):
+        for clients in sorted({c for t, c in by if t == target}):
+            a, b = by.get((target, clients)), by.get((base, clients))
+            if a is None or b is None or not b["tok_s"]:
+                continue
+            load = max(a["load_before"], b["load_before"])
+            ratio = a["tok_s"] / b["tok_s"]
+            if load > max_load:
+                lines.append(f"{target} / {base} at {clients} clients: withheld (load average {load:.2f} > {max_load})")
+            else:
+                lines.append(f"{target} / {base} at {clients} clients: {ratio:.2f}x (max load before {load:.2f})")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
-        "--requests", type=int, nargs="+", default=[4, 8, 16], help="requests sent at each --clients level (same order)"
+        "--requests", type=int, nargs="+", default=[4, 32], help="requests sent at each --clients level (same order)"
     )
     parser.add_argument(
         "--serial-clients",
@@ -342,7 +392,8 @@ def main() -> None:
         help="client levels for the one-at-a-time target (default: --clients); its throughput does not depend "
         "on the clients, only its queueing does",
     )
-    parser.add_argument("--targets", nargs="+", default=["gateway", "hf-serve", "serial", "in-process"])
+    parser.add_argument("--targets", nargs="+", default=["gateway", "mixed", "hf-serve"])
+    parser.add_argument("--max-load", type=float, default=1.0, help="withhold ratios above this load average")
     parser.add_argument("--json", type=Path, help="write the rows here too")
     parser.add_argument(
         "--hf-cb-args",
@@ -354,7 +405,7 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
+        default=2,
         help="CPU threads for every target (gateway cpu_threads, OMP_NUM_THREADS for "
         "transformers serve, torch.set_num_threads in-process): equal for a fair run",
     )
@@ -363,19 +414,21 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     work = Path(tempfile.mkdtemp(prefix="tuneops-bench-"))
-    uri = register_version(work)
+    uri = register_versions(work)
     rows: list[dict] = []
+    print(f"CPU flags: {cpu_flags()}; dtype {serve_dtype()}; {os.cpu_count()} cores; threads {args.threads}")
 
     def requests_for(c: int) -> int:
         return dict(zip(args.clients, args.requests, strict=False)).get(c, max(4, c))
 
-    def run_server(target: str, proc: subprocess.Popen, port: int, model: str, ready: str) -> None:
+    def run_server(target: str, proc: subprocess.Popen, port: int, models: list[str], ready: str) -> None:
         levels = args.serial_clients if target == "serial" and args.serial_clients else args.clients
         try:
             wait_http(f"http://127.0.0.1:{port}{ready}", proc)
             for c in levels:
                 n = requests_for(c)
-                res = asyncio.run(load(f"http://127.0.0.1:{port}/v1", model, target, c, n, args.max_tokens))
+                time.sleep(3)  # let the load average settle after the start
+                res = asyncio.run(load(f"http://127.0.0.1:{port}/v1", models, target, c, n, args.max_tokens))
                 rows.append(res.row())
                 print(table([rows[-1]]).splitlines()[-1], flush=True)
         finally:
@@ -394,14 +447,17 @@ def main() -> None:
                     target,
                     start_gateway(uri, port, 32, work, args.threads),
                     port,
-                    MODEL_NAME,
+                    [MODEL_NAME],
                     "/health/ready",
                 )
+            elif target == "mixed":
+                gateway = start_gateway(uri, port, 32, work, args.threads)
+                run_server(target, gateway, port, [MODEL_NAME, f"{MODEL_NAME}@candidate"], "/health/ready")
             elif target == "serial":
-                run_server(target, start_gateway(uri, port, 1, work, args.threads), port, MODEL_NAME, "/health/ready")
+                run_server(target, start_gateway(uri, port, 1, work, args.threads), port, [MODEL_NAME], "/health/ready")
             elif target == "hf-serve":
                 proc, model = start_hf_serve(port, work, args.threads, args.hf_cb_args.split())
-                run_server(target, proc, port, model, "/health")
+                run_server(target, proc, port, [model], "/health")
             elif target == "in-process":
                 rows.append(in_process(args.max_tokens, requests_for(1), args.threads).row())
                 print(table([rows[-1]]).splitlines()[-1], flush=True)
@@ -409,6 +465,8 @@ def main() -> None:
             print(f"  {target} failed: {type(exc).__name__}: {exc} (logs in {work})", file=sys.stderr)
     print()
     print(table(rows))
+    print()
+    print(ratios(rows, args.max_load))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

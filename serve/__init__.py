@@ -3,7 +3,7 @@
 settings.py   ServeSettings (YAML + TUNEOPS_SERVE_* environment)
 protocol.py   OpenAI request/response bodies
 errors.py     APIError family and the one place exceptions become HTTP responses
-engine.py     continuous batching over one base model with many LoRA adapters (kv_batch.py, sampling.py,
+engine.py     continuous batching over one base model with many LoRA adapters (kv_slots.py, lora.py, sampling.py,
               detokenizer.py)
 versions.py   NAME / NAME@ALIAS / NAME/VERSION -> loaded adapter; alias watching, warm-up, atomic switch
 serving.py    OpenAI chat/text completions on the engine, streaming and not

@@ -1,12 +1,15 @@
-"""Continuous batching over one base model with many LoRA adapters.
+"""Continuous batching over one base model serving many LoRA versions.
 
 Why not transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`)? It packs every
-request into one ragged row (`input_ids` of shape `[1, total_tokens]`) over a paged cache, while peft mixes
-adapters per batch *row* (`adapter_names=[...]`, one name per row). Packed requests therefore cannot each
-use their own adapter, so two versions (or a promotion in flight) could not share a batch. This scheduler
-is the compact alternative: a background thread runs a decode loop over a left-padded batch with a KV cache
-(`KVBatch`); between steps finished or abandoned rows leave and queued requests are prefilled together and
-join. Each row names its adapter; a batch whose rows all use one adapter runs without the per-row split.
+request into one ragged row over a paged cache, so rows cannot each carry their own adapter, and it shares one
+sampling configuration and one random generator across requests (no per-request `seed`, `n` or `top_p`). This
+scheduler keeps what it does well and adds what the gateway needs:
+- The KV cache lives in preallocated slots written in place (`kv_slots.SlotCache`): a decode step appends one
+  column and attends over a view; rows join and leave between steps without copying the batch.
+- The busiest version is merged into the base weights and the others are corrected on their own rows
+  (`lora.LoraSet`): one version costs what the base costs, and two versions still share every step.
+- A background thread runs the loop; between steps finished or abandoned rows leave, and queued requests are
+  prefilled together straight into free slots, then join.
 It runs on CPU (bf16 where `core.device` chooses it) and CUDA alike.
 
 One request can never fail or change another: its parameters are checked on submission, sampling cannot
@@ -29,9 +32,11 @@ from typing import Any
 
 import torch
 
+from core.errors import ModelError
 from serve.detokenizer import Detokenizer
 from serve.errors import APIError, EngineFailure, InvalidRequest, NotReady, QueueFull, QueueTimeout
-from serve.kv_batch import KVBatch
+from serve.kv_slots import SlotCache
+from serve.lora import LoraSet
 from serve.metrics import Metrics
 from serve.sampling import BROKEN, is_greedy, make_generator, sample
 
@@ -110,9 +115,10 @@ class Engine:
         queue_timeout_s: float,
         metrics: Metrics,
         max_prefill_tokens: int = 4096,
+        merge_switch_after: int = 32,
     ) -> None:
         self.base: Any = None
-        self.model: Any = None  # the PeftModel, created with the first adapter
+        self.lora: LoraSet | None = None  # the adapters, created with the base
         self.tokenizer: Any = None
         self.vocab_size: int | None = None  # rows of the input embedding: the valid prompt token ids
         self.device = torch.device("cpu")
@@ -121,14 +127,14 @@ class Engine:
         self.queue_timeout_s = queue_timeout_s
         self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics
+        self.merge_switch_after = merge_switch_after
         # Decode steps by the number of distinct adapters in them: 2 or more shows versions sharing a batch.
         self.decode_steps_by_adapters: collections.Counter[int] = collections.Counter()
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        self._rows: list[Row] = []
-        self._batch: KVBatch | None = None
-        self._active: str | None = None
+        self._rows: list[Row] = []  # row i owns slot i of the cache
+        self._cache: SlotCache | None = None
         self._stopping = False
         self.accepting = True
         self._thread = threading.Thread(target=self._loop, name="tuneops-engine", daemon=True)
@@ -153,31 +159,58 @@ class Engine:
     # adapters (engine thread only) ----------------------------------------------------------------
 
     def load_base(self, base: Any, tokenizer: Any, device: torch.device) -> None:
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"} or getattr(config, "sliding_window", None):
+            raise ModelError(f"the gateway serves full-attention models; this base has {sorted(kinds)} layers")
         self.base, self.tokenizer, self.device = base, tokenizer, device
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
+        self.lora = LoraSet(base, switch_after=self.merge_switch_after)
+        positions = int(getattr(config, "max_position_embeddings", 4096) or 4096)
+        # Rows share columns, so a batch may span up to twice the longest sequence (padding included).
+        self._cache = SlotCache(int(config.num_hidden_layers), self.max_batch, device, 2 * positions)
+
+    @property
+    def adapters(self) -> set[str]:
+        return set(self.lora.adapters) if self.lora is not None else set()
 
     def add_adapter(self, name: str, path: Path) -> None:
-        from peft import PeftModel
-
-        if self.model is None:
-            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name, autocast_adapter_dtype=False)
-        else:
-            self.model.load_adapter(path, adapter_name=name, autocast_adapter_dtype=False)
-        self.model.to(dtype=self.base.dtype, device=self.device)
-        self.model.eval()
-        self._active = None
+        if self.lora is None:
+            raise ModelError("load the base model before its adapters")
+        self.lora.add(name, path)
 
     def remove_adapter(self, name: str) -> bool:
-        """Unload an adapter nothing uses; the last one stays (it holds the PeftModel)."""
-        if self.model is None or name not in self.model.peft_config or len(self.model.peft_config) == 1:
+        """Unload an adapter no queued or running request uses."""
+        if self.lora is None or name not in self.lora.adapters:
             return False
         with self._cv:  # submissions append to the queue from other threads
             queued = any(j.adapter == name for j in self._waiting)
         if queued or any(r.job.adapter == name for r in self._rows):
             return False
-        self.model.delete_adapter(name)
-        self._active = None
+        self.lora.remove(name)
         return True
+
+    def probe(self, adapter: str, prompt_ids: list[int], count: int) -> list[int]:
+        """`count` greedy tokens of one adapter without the cache (engine thread only): a version's warm-up.
+
+        Non-finite logits (NaN weights) raise: such a version must not serve.
+        """
+        assert self.lora is not None
+        ids = torch.tensor([prompt_ids], device=self.device)
+        out: list[int] = []
+        with torch.inference_mode():
+            for _ in range(count):
+                self.lora.plan([adapter], count=False)
+                try:
+                    logits = self.base(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
+                finally:
+                    self.lora.clear()
+                if not bool(torch.isfinite(logits).all()):
+                    raise ModelError("the warm-up generation produced non-finite logits")
+                token = int(logits.argmax())
+                out.append(token)
+                ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+        return out
 
     # requests -------------------------------------------------------------------------------------
 
@@ -221,7 +254,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._calls or self._rows or (self._waiting and self.model is not None)):
+                while not (self._stopping or self._calls or self._rows or (self._waiting and self.lora is not None)):
                     self._cv.wait(0.5)
                 if self._stopping:
                     break
@@ -237,7 +270,7 @@ class Engine:
                         future.set_exception(exc)
             with self._cv:
                 self._expire()
-                joiners = self._admit() if self.model is not None else []
+                joiners = self._admit() if self.lora is not None else []
             try:
                 with torch.inference_mode():
                     self._drop_cancelled()
@@ -252,13 +285,19 @@ class Engine:
                 failed.update({id(j): j for j in joiners})
                 for job in failed.values():
                     self._abort(job, error)
-                self._rows, self._batch = [], None
+                self._reset_rows()
         for _fn, future in self._calls:
             future.cancel()
         for job in list(self._waiting) + list({id(r.job): r.job for r in self._rows}.values()):
             self._fail(job, NotReady("the gateway stopped"))
         self._waiting.clear()
-        self._rows, self._batch = [], None
+        self._reset_rows()
+
+    def _reset_rows(self) -> None:
+        self._rows = []
+        if self._cache is not None:
+            self._cache.abandon_prefill()
+            self._cache.remove(list(range(self._cache.rows)))
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.metrics.request_errors.labels(*job.labels, error.code or error.type).inc()
@@ -296,7 +335,7 @@ class Engine:
             if job.cancelled:
                 self._waiting.popleft()
                 continue
-            if job.adapter not in self.model.peft_config:  # unloaded between lookup and submit
+            if job.adapter not in self.adapters:  # unloaded between lookup and submit
                 self._waiting.popleft()
                 self._fail(job, NotReady("The requested version was just unloaded; retry.", retry_after_s=1))
                 continue
@@ -321,32 +360,28 @@ class Engine:
             self._retain(keep)
 
     def _retain(self, keep: list[int]) -> None:
-        self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
-            self._batch = None
-        elif self._batch is not None:
-            self._batch.select(keep)
+        assert self._cache is not None
+        leaving = sorted(set(range(len(self._rows))) - set(keep))
+        order = self._cache.remove(leaving)
+        self._rows = [self._rows[i] for i in order]
 
     def _forward(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache: Any,
-        adapters: list[str],
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        """One forward pass; rows of one adapter skip peft's per-row split and its per-call hook setup."""
-        if len(set(adapters)) == 1:
-            if self._active != adapters[0]:
-                self.model.set_adapter(adapters[0])
-                self._active = adapters[0]
-            model = self.model.get_base_model()  # LoRA layers in place, active adapter set
-        else:
-            model = self.model
-            kwargs["adapter_names"] = adapters
-        kwargs[self._cache_arg()] = cache
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, adapters: list[str]
+    ) -> Any:
+        """One forward pass through the slots; each row on its own version. Returns last-position logits."""
+        assert self.lora is not None
+        self.lora.plan(adapters)
+        try:
+            out = self.base(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg(): self._cache},
+            )
+        finally:
+            self.lora.clear()
         return out.logits[:, -1, :]
 
     def _cache_arg(self) -> str:
@@ -359,10 +394,10 @@ class Engine:
         return self._cache_name
 
     def _join(self, jobs: list[Job]) -> None:
-        """Prefill `jobs` and add their rows. A prefill that raises leaves the running batch as it was and
-        fails only its own jobs; several are retried one by one first, so only the culprit fails."""
+        """Prefill `jobs` into free slots and add their rows. A prefill that raises leaves the running batch as
+        it was and fails only its own jobs; several are retried one by one first, so only the culprit fails."""
         try:
-            new, logits = self._prefill(jobs)
+            logits = self._prefill(jobs)
         except Exception as exc:
             if len(jobs) > 1:
                 log.warning("a prefill of %d requests failed (%s); retrying each alone", len(jobs), exc)
@@ -372,50 +407,66 @@ class Engine:
             log.exception("prefill failed")
             self._abort(jobs[0], EngineFailure(f"generation failed: {type(exc).__name__}"))
             return
-        self._add_rows(jobs, new, logits)
+        self._add_rows(jobs, logits)
 
-    def _prefill(self, jobs: list[Job]) -> tuple[KVBatch, torch.Tensor]:
-        """The jobs' prompts through the model: their cache (one row per choice) and next-token logits."""
-        from transformers import DynamicCache
-
+    def _prefill(self, jobs: list[Job]) -> torch.Tensor:
+        """The jobs' prompts through the model into slots `rows ..`, one per job; their next-token logits."""
+        cache = self._cache
+        assert cache is not None
         width = max(len(j.prompt_ids) for j in jobs)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
-        mask = torch.tensor(
-            [[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=self.device
+        real = torch.tensor(
+            [[False] * (width - len(j.prompt_ids)) + [True] * len(j.prompt_ids) for j in jobs], device=self.device
         )
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, [j.adapter for j in jobs], logits_to_keep=1)
-        expand = [i for i, j in enumerate(jobs) for _ in range(j.params.n)]
-        new = KVBatch(cache, mask).select(expand) if expand != list(range(len(jobs))) else KVBatch(cache, mask)
-        return new, logits.index_select(0, torch.tensor(expand, device=logits.device))
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        mask = cache.begin_prefill(len(jobs), width, real)
+        try:
+            logits = self._forward(ids, mask, positions, [j.adapter for j in jobs])
+        except BaseException:
+            cache.abandon_prefill()
+            raise
+        cache.end_prefill()
+        return logits
 
-    def _add_rows(self, jobs: list[Job], new: KVBatch, logits: torch.Tensor) -> None:
+    def _add_rows(self, jobs: list[Job], logits: torch.Tensor) -> None:
+        """Rows for every choice: the first of job j is slot `first + j`; other choices copy its slot."""
+        cache = self._cache
+        assert cache is not None
         now = time.monotonic()
-        rows = []
-        for job in jobs:
+        first = len(self._rows)
+        rows: list[Row] = []
+        extra: list[tuple[int, Row]] = []
+        for j, job in enumerate(jobs):
             self.metrics.request_queue_time.labels(*job.labels).observe(now - job.arrived)
             self.metrics.prompt_tokens.labels(*job.labels).inc(len(job.prompt_ids))
             params = job.params
             for k in range(params.n):
                 seed = None if params.seed is None else params.seed + k
                 gen = None if is_greedy(params.temperature) else make_generator(seed, logits.device)
-                rows.append(Row(job, job.choice_offset + k, Detokenizer(self.tokenizer, list(params.stop)), gen))
-        self._batch = new if self._batch is None else KVBatch.concat(self._batch, new)
-        first = len(self._rows)
+                row = Row(job, job.choice_offset + k, Detokenizer(self.tokenizer, list(params.stop)), gen)
+                if k == 0:
+                    rows.append(row)
+                else:
+                    extra.append((j, row))
+        for j, row in extra:
+            cache.duplicate(first + j)
+            rows.append(row)
         self._rows.extend(rows)
+        source = list(range(len(jobs))) + [j for j, _ in extra]
+        if source != list(range(len(jobs))):
+            logits = logits.index_select(0, torch.tensor(source, device=logits.device))
         self._emit(logits, list(range(first, len(self._rows))))
 
     def _decode(self) -> None:
-        assert self._batch is not None
-        batch = self._batch
+        cache = self._cache
+        assert cache is not None
         ids = torch.tensor([[r.last] for r in self._rows], device=self.device)
-        positions = batch.positions()
-        mask = batch.grow_mask()
+        mask, positions = cache.decode_inputs()
         adapters = [r.job.adapter for r in self._rows]
         self.decode_steps_by_adapters[len(set(adapters))] += 1
-        logits = self._forward(ids, mask, positions, batch.cache, adapters)
+        logits = self._forward(ids, mask, positions, adapters)
+        cache.end_decode()
         self._emit(logits, list(range(len(self._rows))))
 
     def _emit(self, logits: torch.Tensor, which: list[int]) -> None:

@@ -112,27 +112,6 @@ class FailureLog:
         return len(self._items)
 
 
-def greedy_tokens(engine: Engine, adapter: str, prompt_ids: list[int], count: int = WARMUP_TOKENS) -> list[int]:
-    """A few greedy tokens from one adapter, straight through the model (run it on the engine thread).
-
-    `adapter_names` picks the adapter for this call only, so the engine's active adapter is left as it was.
-    Non-finite logits (NaN weights) raise: such a version must not serve.
-    """
-    import torch
-
-    ids = torch.tensor([prompt_ids], device=engine.device)
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(count):
-            logits = engine.model(input_ids=ids, adapter_names=[adapter], use_cache=False).logits[0, -1]
-            if not bool(torch.isfinite(logits).all()):
-                raise ModelError("the warm-up generation produced non-finite logits")
-            token = int(logits.argmax())
-            out.append(token)
-            ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-    return out
-
-
 class VersionDirectory:
     def __init__(self, settings: ServeSettings, engine: Engine, metrics: Metrics, workdir: Path) -> None:
         self.settings = settings
@@ -462,7 +441,9 @@ class VersionDirectory:
             served.manifest.chat_template,
             served.manifest.system_prompt,
         )
-        self._on_engine(functools.partial(greedy_tokens, self.engine, served.adapter, ids), "the warm-up generation")
+        self._on_engine(
+            functools.partial(self.engine.probe, served.adapter, ids, WARMUP_TOKENS), "the warm-up generation"
+        )
 
     def _on_engine(self, fn: Any, what: str) -> Any:
         """Run a step of a load on the engine thread; one that outlasts load_timeout_s fails the load, saying so."""

@@ -291,3 +291,75 @@ def test_a_seeded_request_answers_the_same_alone_and_beside_others(engine, promp
     outs = run(engine, [neighbours[0], neighbours[1], seeded, neighbours[2], neighbours[3]])
     assert outs[2].answer == expected
     assert engine.decode_steps_by_adapters[2] > 0
+
+
+def reference(adapter_path: Path, tiny_base: Path, ids: list[int], tokens: int) -> str:
+    """Greedy tokens from peft's own unmerged LoRA, no cache: what every engine path must reproduce."""
+    from peft import PeftModel
+
+    from core.models import load_causal_lm, load_tokenizer
+
+    model = PeftModel.from_pretrained(load_causal_lm(tiny_base, CPU, torch.float32), adapter_path).eval()
+    seq = torch.tensor([ids])
+    with torch.inference_mode():
+        for _ in range(tokens):
+            nxt = model(input_ids=seq, use_cache=False).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    return load_tokenizer(tiny_base).decode(seq[0, len(ids) :].tolist(), skip_special_tokens=True)
+
+
+def test_answers_equal_peft_whichever_version_is_merged_and_whatever_joins_or_leaves(
+    engine, adapters, tiny_base, prompts
+):
+    """Rows of the merged version and corrected rows of another both give peft's answer, while rows join
+    with longer prompts than the batch's column (the live block shifts) and leave (the block compacts)."""
+    long_prompt = (prompts[0] * 8)[:40]
+    want = {
+        ("a", 0): reference(adapters["a"], tiny_base, prompts[0], 12),
+        ("b", 1): reference(adapters["b"], tiny_base, prompts[1], 6),
+        ("b", 9): reference(adapters["b"], tiny_base, long_prompt, 6),
+        ("a", 9): reference(adapters["a"], tiny_base, long_prompt, 6),
+    }
+    for merged in ("a", "b"):
+        engine.call(lambda m=merged: engine.lora.merge(m)).result(30)
+        with held(engine):
+            first = submit(engine, ("a", prompts[0], SamplingParams(max_tokens=12, temperature=0.0)))
+            second = submit(engine, ("b", prompts[1], GREEDY))
+        with held(engine):  # a step later: longer prompts join the running rows
+            third = submit(engine, ("b", long_prompt, GREEDY))
+            fourth = submit(engine, ("a", long_prompt, GREEDY))
+        for out in (first, second, third, fourth):
+            assert out.done.wait(60)
+        assert first.answer == (want[("a", 0)],), merged
+        assert second.answer == (want[("b", 1)],), merged
+        assert third.answer == (want[("b", 9)],), merged
+        assert fourth.answer == (want[("a", 9)],), merged
+
+
+def test_the_merged_version_follows_the_traffic(engine, prompts):
+    lora = engine.lora
+    engine.call(lambda: lora.merge("a")).result(30)
+    expected = alone(engine, ("b", prompts[2], GREEDY))  # 6 steps: fewer than switch_after, no switch
+    assert lora.merged == "a"
+    steps = SamplingParams(max_tokens=lora.switch_after + 2, temperature=0.0)
+    run(engine, [("b", prompts[2], steps)])
+    assert lora.merged == "b"  # b had the batch alone long enough
+    assert alone(engine, ("b", prompts[2], GREEDY)) == expected  # merged or corrected: the same answer
+    run(engine, [("a", prompts[0], GREEDY), ("b", prompts[1], steps)])  # mixed steps never switch
+    assert lora.merged == "b"
+
+
+def test_adapters_the_engine_cannot_serve_are_refused_by_name(engine, adapters, tmp_path):
+    import json
+    import shutil
+
+    from core.errors import ModelError
+
+    dora = tmp_path / "dora"
+    shutil.copytree(adapters["a"], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (dora / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="use_dora"):
+        engine.call(lambda: engine.add_adapter("dora", dora)).result(30)
+    assert "dora" not in engine.adapters

@@ -1,0 +1,271 @@
+"""LoRA versions on one base model: the busiest version merged into the weights, the others applied per row.
+
+One version usually takes most of the traffic. Its adapter is merged into the base weights, so its tokens cost
+what the bare base costs (peft's unmerged LoRA adds two small matmuls and Python dispatch to every linear layer
+of every step). Rows of other versions in the same batch get a low-rank correction on their rows only:
+`(B_v A_v - B_m A_m) x`, the version's own delta minus the merged one's, as two matmuls over stacked factors.
+Which version is merged follows the traffic: after `switch_after` steps in a row with only another version's
+rows, that version is merged instead (from a pristine copy of the base weights, so switching never drifts).
+
+peft reads the adapter files (`load_peft_weights`, `LoraConfig`) and names the pattern rules; only plain LoRA
+on linear layers is served (what tuneops trains). Anything else is refused on loading, naming what it uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import ModelError
+
+PREFIX = "base_model.model."
+
+
+@dataclass
+class ModuleDelta:
+    """One linear layer's adapter: `scale * B @ A` (A `[r, in]`, B `[out, r]`) and an optional new bias."""
+
+    a: torch.Tensor
+    b: torch.Tensor  # already multiplied by the scale
+    bias: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        return self.b.float() @ self.a.float()
+
+
+@dataclass
+class Adapter:
+    name: str
+    modules: dict[str, ModuleDelta]
+
+
+def _refuse_features(config: dict[str, Any], path: Path) -> None:
+    checks = {
+        "peft_type": config.get("peft_type", "LORA") != "LORA",
+        "use_dora": bool(config.get("use_dora")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "trainable_token_indices": bool(config.get("trainable_token_indices")),
+        "target_parameters": bool(config.get("target_parameters")),
+        "layer_replication": bool(config.get("layer_replication")),
+        "lora_bias": bool(config.get("lora_bias")),
+    }
+    used = [name for name, bad in checks.items() if bad]
+    if used:
+        raise ModelError(
+            f"the adapter in {path} uses {', '.join(used)}: the gateway serves plain LoRA on linear layers"
+        )
+
+
+def load_adapter(name: str, path: Path, model: nn.Module) -> Adapter:
+    """Read an adapter folder saved by peft into per-module deltas on `model`'s device and dtype."""
+    from peft.utils import load_peft_weights
+    from peft.utils.other import get_pattern_key
+
+    config_file = path / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {config_file}: {exc}") from exc
+    _refuse_features(config, path)
+    weights = load_peft_weights(str(path), device="cpu")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    param = next(model.parameters())
+    alpha_default = float(config.get("lora_alpha", 8))
+    alphas: dict[str, float] = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        if not key.startswith(PREFIX):
+            raise ModelError(f"the adapter in {path} holds an unexpected weight {key!r}")
+        short = key[len(PREFIX) :]
+        for suffix in (".lora_A.weight", ".lora_B.weight", ".bias"):
+            if short.endswith(suffix):
+                parts.setdefault(short[: -len(suffix)], {})[suffix] = tensor
+                break
+        else:
+            raise ModelError(f"the adapter in {path} holds {key!r}: the gateway serves plain LoRA on linear layers")
+    modules: dict[str, ModuleDelta] = {}
+    for module, found in parts.items():
+        linear = linears.get(module)
+        if linear is None:
+            raise ModelError(f"the adapter in {path} targets {module!r}, which is not a linear layer of the base")
+        a, b, bias = found.get(".lora_A.weight"), found.get(".lora_B.weight"), found.get(".bias")
+        if (a is None) != (b is None):
+            raise ModelError(f"the adapter in {path} has only one of lora_A and lora_B for {module!r}")
+        if a is not None and b is not None:
+            r = a.shape[0]
+            if a.shape != (r, linear.in_features) or b.shape != (linear.out_features, r):
+                raise ModelError(f"the adapter in {path} has weights of the wrong shape for {module!r}")
+            alpha = float(alphas.get(get_pattern_key(list(alphas), module), alpha_default))
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            a = a.to(param.device, param.dtype)
+            b = (b.float() * scale).to(param.device, param.dtype)
+        else:  # a trained bias only (bias="all"/"lora_only"): a rank-0 delta
+            a = torch.zeros(0, linear.in_features, device=param.device, dtype=param.dtype)
+            b = torch.zeros(linear.out_features, 0, device=param.device, dtype=param.dtype)
+        if bias is not None:
+            bias = bias.to(param.device, param.dtype)
+        modules[module] = ModuleDelta(a, b, bias)
+    if not modules:
+        raise ModelError(f"the adapter in {path} holds no LoRA weights")
+    return Adapter(name, modules)
+
+
+@dataclass
+class _Correction:
+    """Stacked factors giving `(version - merged)` on one module: `x @ a.T @ b.T (+ bias)`."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class LoraSet:
+    """The adapters loaded on one base model, one of them merged, the others corrected per row.
+
+    Call `plan(adapters)` with one adapter name per batch row before a forward pass; it returns after choosing
+    the merge, and the forward hooks add each row's correction.
+    """
+
+    def __init__(self, model: nn.Module, switch_after: int = 32) -> None:
+        self.model = model
+        self.switch_after = switch_after
+        self.adapters: dict[str, Adapter] = {}
+        self.merged: str | None = None
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._corrections: dict[tuple[str, str | None], dict[str, _Correction]] = {}
+        self._groups: list[tuple[torch.Tensor, dict[str, _Correction]]] = []
+        self._hooks: dict[str, Any] = {}
+        self._streak: tuple[str | None, int] = (None, 0)
+        self.unmergeable: set[str] = set()
+        self.merge_switches = 0
+
+    # loading --------------------------------------------------------------------------------------
+
+    def add(self, name: str, path: Path) -> None:
+        adapter = load_adapter(name, path, self.model)
+        for module in adapter.modules:
+            if module not in self._hooks:
+                linear = self._linears[module]
+                weight = linear.weight.detach()
+                bias = linear.bias.detach() if linear.bias is not None else None
+                # Kept on the CPU: merging recomputes from it, so a GPU holds one copy of the weights.
+                self._pristine[module] = (
+                    weight.to("cpu", copy=True),
+                    None if bias is None else bias.to("cpu", copy=True),
+                )
+                self._hooks[module] = linear.register_forward_hook(self._hook(module))
+        self.adapters[name] = adapter
+        finite = all(
+            bool(torch.isfinite(t).all()) for d in adapter.modules.values() for t in (d.a, d.b, d.bias) if t is not None
+        )
+        if not finite:  # merged, it would break every version's rows; corrected, only its own
+            self.unmergeable.add(name)
+        self._corrections.clear()
+        if self.merged is None and finite:
+            self.merge(name)
+
+    def remove(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        self.unmergeable.discard(name)
+        self._corrections.clear()
+        if self.merged == name:
+            self.merge(next((a for a in self.adapters if a not in self.unmergeable), None))
+
+    # merging --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, name: str | None) -> None:
+        """Make `name` the merged version (None: the bare base) from the pristine weights."""
+        adapter = self.adapters.get(name) if name is not None else None
+        for module, (weight, bias) in self._pristine.items():
+            linear = self._linears[module]
+            delta = adapter.modules.get(module) if adapter is not None else None
+            w = weight.to(linear.weight.device, torch.float32)
+            if delta is not None and delta.a.shape[0]:
+                w = w + delta.dense()
+            linear.weight.copy_(w)
+            if bias is not None and linear.bias is not None:
+                linear.bias.copy_(delta.bias if delta is not None and delta.bias is not None else bias)
+        self.merged = name
+        self._corrections.clear()
+        self.merge_switches += 1
+
+    # per-step plan --------------------------------------------------------------------------------
+
+    def plan(self, adapters: list[str], count: bool = True) -> None:
+        """Set the rows of each version for the next forward pass; merge a version that keeps the batch alone.
+
+        `count=False` (a warm-up probe) leaves the traffic count, so it never moves the merge.
+        """
+        names = set(adapters)
+        if count and len(names) == 1:
+            (only,) = names
+            streak_name, steps = self._streak
+            steps = steps + 1 if streak_name == only else 1
+            self._streak = (only, steps)
+            if only != self.merged and only not in self.unmergeable and (steps >= self.switch_after or not self.merged):
+                self.merge(only)
+        elif count:
+            self._streak = (None, 0)
+        self._groups = []
+        if names == {self.merged}:
+            return
+        device = next(self.model.parameters()).device
+        for name in sorted(names - {self.merged}):
+            rows = torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device)
+            self._groups.append((rows, self._correction(name)))
+
+    def clear(self) -> None:
+        self._groups = []
+
+    def _correction(self, name: str) -> dict[str, _Correction]:
+        key = (name, self.merged)
+        if key not in self._corrections:
+            own = self.adapters[name].modules
+            merged = self.adapters[self.merged].modules if self.merged in self.adapters else {}
+            out: dict[str, _Correction] = {}
+            for module in set(own) | set(merged):
+                mine, theirs = own.get(module), merged.get(module)
+                a_parts = [d.a for d in (mine, theirs) if d is not None]
+                b_parts = [d.b if d is mine else -d.b for d in (mine, theirs) if d is not None]
+                bias = None
+                pristine_bias = self._pristine[module][1]
+                if pristine_bias is not None:
+                    base_bias = pristine_bias.to(a_parts[0].device, a_parts[0].dtype)
+                    new = mine.bias if mine is not None and mine.bias is not None else base_bias
+                    old = theirs.bias if theirs is not None and theirs.bias is not None else base_bias
+                    bias = None if torch.equal(new, old) else new - old
+                out[module] = _Correction(torch.cat(a_parts, 0), torch.cat(b_parts, 1), bias)
+            self._corrections[key] = out
+        return self._corrections[key]
+
+    def _hook(self, module: str) -> Any:
+        def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if not self._groups:
+                return None
+            x = args[0]
+            for rows, corrections in self._groups:
+                fix = corrections.get(module)
+                if fix is None:
+                    continue
+                if fix.a.shape[0]:
+                    delta = (x.index_select(0, rows) @ fix.a.T) @ fix.b.T
+                    if fix.bias is not None:
+                        delta = delta + fix.bias
+                elif fix.bias is not None:
+                    delta = fix.bias.expand(len(rows), *output.shape[1:])
+                else:
+                    continue
+                output = output.index_add(0, rows, delta.to(output.dtype))
+            return output
+
+        return hook
