@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +25,10 @@ from evaluate.bbq import run_bbq
 from evaluate.bootstrap import Metric
 from evaluate.counterfactual import run_counterfactual
 from evaluate.crows import run_crows
-from evaluate.gates import Gate, judge, parse_gates
+from evaluate.gates import Gate, judge, parse_gates, skipped_result
 from evaluate.quality import run_quality
 from evaluate.results import SuiteResult
+from evaluate.sampling import stratified_sample
 from evaluate.scoring import Subject
 from evaluate.subjects import BASE, MODEL, PROD, load_subjects
 from evaluate.verdict import Verdict
@@ -90,6 +92,20 @@ def _training_columns(ref: VersionRef, dest: Path) -> ColumnMap | None:
         return None
 
 
+def sample_size(cfg: EvaluationConfig, configured: int | None) -> int | None:
+    """Items to draw from a bias suite: the configured sample (every item with `full`), capped by max_bias_items."""
+    size = None if cfg.full else configured
+    if cfg.max_bias_items is not None:
+        size = cfg.max_bias_items if size is None else min(size, cfg.max_bias_items)
+    return size
+
+
+def _sampled(n: int, total: int, what: str, strata: str, cfg: EvaluationConfig) -> str:
+    if n >= total:
+        return f"all {total} {what}"
+    return f"{n} of {total} {what}, stratified by {strata}, seed {cfg.sample.seed}"
+
+
 def read_inputs(cfg: EvaluationConfig, ref: VersionRef, workdir: Path) -> Inputs:
     """Read every suite the config asks for; malformed or empty files fail here, naming file and line."""
     quality: list[readers.QualityItem] = []
@@ -109,21 +125,29 @@ def read_inputs(cfg: EvaluationConfig, ref: VersionRef, workdir: Path) -> Inputs
             quality += items
             label = f"training run {ref.run_id} {VALIDATION_ARTIFACT}" if path == split else str(path)
             sources[f"quality: {path.name}"] = f"{label} ({len(items)} items)"
-    limit = cfg.max_bias_items
     crows: list[readers.CrowsPair] = []
     bbq: list[readers.BbqItem] = []
     counterfactual: list[readers.CounterfactualTemplate] = []
     if "crows" in cfg.suites:
         path = cfg.crows_path or readers.DEFAULT_CROWS
-        crows = readers.read_crows(path, limit)
-        sources["crows"] = f"{path} ({len(crows)} pairs)"
+        every = readers.read_crows(path)
+        crows = stratified_sample(every, lambda p: p.bias_type, sample_size(cfg, cfg.sample.crows), cfg.sample.seed)
+        sources["crows"] = f"{path} ({_sampled(len(crows), len(every), 'pairs', 'bias type', cfg)})"
     if "bbq" in cfg.suites:
         path = cfg.bbq_path or readers.DEFAULT_BBQ
-        bbq = readers.read_bbq(path, limit)
-        sources["bbq"] = f"{path} ({len(bbq)} items)"
+        everything = readers.read_bbq(path)
+        bbq = stratified_sample(
+            everything,
+            lambda it: (it.category, it.condition, it.polarity),
+            sample_size(cfg, cfg.sample.bbq),
+            cfg.sample.seed,
+        )
+        sources["bbq"] = (
+            f"{path} ({_sampled(len(bbq), len(everything), 'items', 'category, context and polarity', cfg)})"
+        )
     if "counterfactual" in cfg.suites:
         path = cfg.counterfactual_path or readers.DEFAULT_COUNTERFACTUAL
-        counterfactual = readers.read_counterfactual(path, limit)
+        counterfactual = readers.read_counterfactual(path, cfg.max_bias_items)
         sources["counterfactual"] = f"{path} ({len(counterfactual)} templates)"
     return Inputs(quality, crows, bbq, counterfactual, sources)
 
@@ -187,6 +211,7 @@ def run_evaluation(
     tracking_uri: str | None = None,
     device: DevicePref = "auto",
     dtype: DtypePref = "auto",
+    skipped_gates: Sequence[str] = (),
 ) -> Verdict:
     """Evaluate a registered version and record the verdict; never moves an alias.
 
@@ -194,6 +219,8 @@ def run_evaluation(
     cfg: suites, sizes and gates; default `EvaluationConfig()` (every suite, no gates).
     tracking_uri: MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
     device, dtype: as core.device chooses them (`auto`: CUDA if present, bf16 where the CPU runs it fast).
+    skipped_gates: gates of suites this evaluation does not run; listed in the verdict, which is then at best
+    "partial" (see evaluate.verdict).
 
     Writes a child run of the version's training run (metrics, tables, charts, model card) and tags the
     version with `tuneops.verdict`, `tuneops.evaluation_run` and `tuneops.gates_failed`.
@@ -201,6 +228,7 @@ def run_evaluation(
     """
     cfg = cfg or EvaluationConfig()
     gates = parse_gates(cfg)
+    skipped = [skipped_result(text) for text in skipped_gates]
     client = connect(tracking_uri)
     version = resolve_version(client, ref)
     started = time.perf_counter()
@@ -224,7 +252,14 @@ def run_evaluation(
                 for subject, metrics in result.metrics.items():
                     merged.setdefault(subject, {}).update(metrics)
             gate_results = judge(gates, merged, cfg.bootstrap_samples, cfg.confidence, cfg.seed, cfg.gate_on_ci)
-            outcome = Verdict(version.name, version.version, all(g.passed for g in gate_results), gate_results, run_id)
+            outcome = Verdict(
+                version.name,
+                version.version,
+                all(g.passed for g in gate_results),
+                gate_results,
+                run_id,
+                skipped=skipped,
+            )
             _log(client, run_id, version, bundle, cfg, inputs, results, outcome, prod_version)
             for suite, took in seconds.items():
                 client.log_metric(run_id, f"eval.seconds.{suite}", took)
@@ -234,6 +269,7 @@ def run_evaluation(
             client.set_terminated(run_id, "FAILED")
             raise
     verdict.record(client, outcome)
+    client.update_model_version(version.name, version.version, description=outcome.description)
     if version.run_id:
         client.set_tag(version.run_id, verdict.EVALUATION_RUN_TAG, run_id)
     log.debug("%s", outcome.summary())  # callers present the verdict; logging it too printed it twice
@@ -259,6 +295,11 @@ def _log(
     client.log_metric(run_id, "verdict.gates_failed", float(len(outcome.failed)))
     client.log_param(run_id, "evaluated_version", version.label)
     client.log_param(run_id, "production_version", prod_version or "none")
+    client.log_param(run_id, "full", str(cfg.full))
+    client.log_param(run_id, "sample.seed", str(cfg.sample.seed))
+    for suite in ("crows", "bbq"):
+        if suite in inputs.sources:
+            client.log_param(run_id, f"sample.{suite}", str(len(getattr(inputs, suite))))
     client.log_param(
         run_id,
         "compared_with",
@@ -269,7 +310,9 @@ def _log(
         run_id,
         {
             "passed": outcome.passed,
+            "outcome": outcome.outcome,
             "gates": [g.__dict__ for g in outcome.gates],
+            "skipped": [g.__dict__ for g in outcome.skipped],
             "sources": inputs.sources,
         },
         "verdict.json",
@@ -283,9 +326,11 @@ def _log(
         verdict=outcome,
         production_label=f"{version.name}/{prod_version}" if prod_version else None,
         charts=charts,
+        confidence=cfg.confidence,
     )
     blocks = model_card.build(card)
     markdown = model_card.to_markdown(blocks)
     client.log_text(run_id, markdown, "model_card.md")
     client.log_text(run_id, model_card.to_html(blocks), "model_card.html")
     outcome.model_card = markdown
+    outcome.description = model_card.registry_description(card)

@@ -1,6 +1,8 @@
 """The model card: data lineage, training summary, quality, bias and verdict, as Markdown and HTML.
 
-The card is built once as a list of blocks and rendered twice, so both formats always say the same thing.
+The card is built once as a list of blocks and rendered twice, so both formats always say the same thing. A
+shorter Markdown summary (verdict, gates, headline metrics) becomes the registered version's description, so
+the MLflow UI shows it on the version's page; the registry caps descriptions at 5,000 characters.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from evaluate.verdict import Verdict
 
 Block = tuple[str, Any]
 SUBJECT_ORDER = ("model", "base", "production")
+DESCRIPTION_LIMIT = 5000
 
 
 @dataclass
@@ -29,6 +32,7 @@ class CardInputs:
     verdict: Verdict
     production_label: str | None
     charts: list[tuple[str, str]] = field(default_factory=list)
+    confidence: float = 0.95
 
 
 def _fmt(value: Any) -> str:
@@ -42,6 +46,86 @@ def _metric_table(result: SuiteResult) -> Block:
     names = sorted({n for m in result.metrics.values() for n in m}, key=list(KNOWN_METRICS).index)
     rows = [[n, *(_fmt(result.metrics[s][n].value) if n in result.metrics[s] else "" for s in subjects)] for n in names]
     return ("table", (["metric", *subjects], rows))
+
+
+def _interval(ci: tuple[float, float] | None) -> str:
+    return f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "n/a"
+
+
+def _gate_blocks(card: CardInputs) -> list[Block]:
+    v = card.verdict
+    if not v.gates and not v.skipped:
+        return [("p", "No gates configured.")]
+    rows = [
+        [
+            g.gate,
+            _fmt(g.value),
+            _interval(g.ci),
+            g.decided_on if g.compared is None or g.decided_on == "value" else f"{g.decided_on} {_fmt(g.compared)}",
+            _fmt(g.threshold),
+            "skipped" if g.skipped else ("pass" if g.passed else "FAIL"),
+            g.note,
+        ]
+        for g in v.gates + v.skipped
+    ]
+    level = f"{card.confidence:.0%}"
+    head = ["gate", "value", f"{level} interval", "decided on", "threshold", "result", "note"]
+    return [
+        (
+            "p",
+            f"Value: the version's metric (for `(METRIC - base)`, the paired difference); interval: {level} "
+            "bootstrap percentile interval over the evaluated items (paired with the other model where the gate "
+            "compares with one); decided on: the number compared with the threshold.",
+        ),
+        ("table", (head, rows)),
+    ]
+
+
+def _breakdown_table(result: SuiteResult, prefix: str, names: tuple[str, ...]) -> Block | None:
+    """Per-group values (e.g. BBQ per category) of the named metrics, model beside base."""
+    subjects = [s for s in SUBJECT_ORDER if s in result.breakdown]
+    groups = sorted({k.split(".", 1)[1] for s in subjects for k in result.breakdown[s] if k.startswith(prefix)})
+    if not groups:
+        return None
+    head = ["group", *(f"{n} ({s})" for n in names for s in subjects)]
+    rows = [
+        [g, *(_fmt(result.breakdown[s].get(f"{n}.{g}", float("nan"))) for n in names for s in subjects)] for g in groups
+    ]
+    return ("table", (head, rows))
+
+
+_SUITE_DETAIL: dict[str, tuple[str, tuple[str, ...]]] = {
+    "crows": ("crows_pct_stereotype.", ("crows_pct_stereotype",)),
+    "bbq": ("bbq_bias_ambig.", ("bbq_acc_ambig", "bbq_bias_ambig", "bbq_acc_disambig", "bbq_bias_disambig")),
+}
+
+
+def registry_description(card: CardInputs) -> str:
+    """The card's summary for the registry: verdict, gates with intervals, headline metrics, where the rest is."""
+    v = card.verdict
+    blocks: list[Block] = [
+        (
+            "p",
+            f"**{v.outcome.upper()}**: evaluation run `{v.evaluation_run}` (full card with lineage, per-group "
+            f"results and charts: `runs:/{v.evaluation_run}/model_card.html`). Compared with the base model and "
+            f"with production ({card.production_label or 'none'}).",
+        ),
+        *_gate_blocks(card)[1:],
+    ]
+    extra: list[Block] = [("table", (["suite", "items"], [[k, val] for k, val in card.sources.items()]))]
+    for suite in ("quality", "crows", "bbq", "counterfactual"):
+        if suite in card.results:
+            extra.append(_metric_table(card.results[suite]))
+    text = to_markdown(blocks)
+    for block in extra:
+        longer = text + "\n" + to_markdown([block])
+        if len(longer) > DESCRIPTION_LIMIT:
+            break
+        text = longer
+    if len(text) > DESCRIPTION_LIMIT:
+        tail = f"\n... (cut; see runs:/{v.evaluation_run}/model_card.md)"
+        text = text[: DESCRIPTION_LIMIT - len(tail)] + tail
+    return text
 
 
 def build(card: CardInputs) -> list[Block]:
@@ -88,29 +172,12 @@ def build(card: CardInputs) -> list[Block]:
     ):
         if suite in card.results:
             blocks += [("h2", title), _metric_table(card.results[suite])]
+            detail = _SUITE_DETAIL.get(suite)
+            table = _breakdown_table(card.results[suite], detail[0], detail[1]) if detail else None
+            if table is not None:
+                blocks.append(table)
     blocks.append(("h2", "Gates"))
-    if v.gates:
-        blocks.append(
-            (
-                "table",
-                (
-                    ["gate", "value", "bootstrap CI", "threshold", "result", "note"],
-                    [
-                        [
-                            g.gate,
-                            _fmt(g.value),
-                            f"[{g.ci[0]:.4g}, {g.ci[1]:.4g}]" if g.ci else "n/a",
-                            _fmt(g.threshold),
-                            "pass" if g.passed else "FAIL",
-                            g.note,
-                        ]
-                        for g in v.gates
-                    ],
-                ),
-            )
-        )
-    else:
-        blocks.append(("p", "No gates configured."))
+    blocks += _gate_blocks(card)
     if card.charts:
         blocks.append(("h2", "Charts"))
         blocks += [("img", chart) for chart in card.charts]

@@ -1,14 +1,17 @@
 """Read evaluation files into typed items, failing with the file and line of the first malformed record.
 
 Quality files are read by core.datafiles, so any file and shape training accepts is also an evaluation file.
-Standard bias files work by path (CrowS-Pairs CSV, BBQ JSONL); the suites we wrote ourselves ship in
-`evaluate/suites/` so the default evaluation runs offline.
+The published bias benchmarks ship in `evaluate/suites/` (CrowS-Pairs' CSV, BBQ's JSONL files gzipped, each
+with its licence) beside the counterfactual templates we wrote, so the default evaluation runs offline. Other
+files in the same formats work by path; a BBQ path may be one file or a folder of them, plain or gzipped.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import json
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from core.datafiles import (
     iter_rows,
     json_lines,
     missing_columns,
+    parse_problem,
     read_text,
     to_messages,
 )
@@ -32,8 +36,8 @@ from core.errors import DataError
 from core.schema.data import ColumnMap, Shape
 
 SUITES_DIR = Path(__file__).parent / "suites"
-DEFAULT_CROWS = SUITES_DIR / "crows_pairs.csv"
-DEFAULT_BBQ = SUITES_DIR / "bbq.jsonl"
+DEFAULT_CROWS = SUITES_DIR / "crows_pairs" / "crows_pairs_anonymized.csv"
+DEFAULT_BBQ = SUITES_DIR / "bbq"
 DEFAULT_COUNTERFACTUAL = SUITES_DIR / "counterfactual.jsonl"
 
 
@@ -198,10 +202,55 @@ def _bbq_answer_roles(obj: dict[str, Any], path: Path, line: int) -> tuple[int, 
     return unknown[0], tuple(biased)
 
 
+def _gzip_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Every non-blank line of a gzipped JSON-lines file as (line number, object)."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise data_error(path, None, f"cannot read as gzipped UTF-8 text ({exc})") from None
+    for n, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise data_error(path, n, parse_problem(exc)) from None
+        if not isinstance(obj, dict):
+            raise data_error(path, n, f"expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
+
+
+def bbq_files(path: Path) -> list[Path]:
+    """One BBQ file, or every `*.jsonl` / `*.jsonl.gz` of a folder in name order (one per category)."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+        if not files:
+            raise DataError(f"{path}: no *.jsonl or *.jsonl.gz BBQ files in this folder")
+        return files
+    _require_file(path)
+    return [path]
+
+
+def _bbq_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    return _gzip_json_lines(path) if path.name.endswith(".gz") else _json_lines(path)
+
+
 def read_bbq(path: Path, limit: int | None = None) -> list[BbqItem]:
-    """BBQ JSONL: context, question, ans0..2, label, context_condition, answer_info, question_polarity, ..."""
+    """BBQ JSONL (a file or a folder of them, plain or gzipped): context, question, ans0..2, label,
+    context_condition, answer_info, question_polarity, additional_metadata.stereotyped_groups, category."""
     items: list[BbqItem] = []
-    for line, obj in _json_lines(path):
+    for file in bbq_files(path):
+        items += _read_bbq_file(file, limit - len(items) if limit else None)
+        if limit and len(items) >= limit:
+            break
+    _nonempty(items, path, "BBQ")
+    return items
+
+
+def _read_bbq_file(path: Path, limit: int | None) -> list[BbqItem]:
+    items: list[BbqItem] = []
+    for line, obj in _bbq_lines(path):
         answers = tuple(_text(obj, f"ans{i}", path, line) for i in range(3))
         label = obj.get("label")
         if not isinstance(label, int) or label not in (0, 1, 2):
@@ -213,10 +262,11 @@ def read_bbq(path: Path, limit: int | None = None) -> list[BbqItem]:
         if polarity not in {"neg", "nonneg"}:
             raise data_error(path, line, "question_polarity must be 'neg' or 'nonneg'")
         unknown, biased = _bbq_answer_roles(obj, path, line)
+        category = str(obj.get("category", "all"))
         items.append(
             BbqItem(
-                id=str(obj.get("example_id", len(items))),
-                category=str(obj.get("category", "all")),
+                id=f"{category}:{obj.get('example_id', len(items))}",
+                category=category,
                 context=_text(obj, "context", path, line),
                 question=_text(obj, "question", path, line),
                 answers=(answers[0], answers[1], answers[2]),
@@ -229,7 +279,6 @@ def read_bbq(path: Path, limit: int | None = None) -> list[BbqItem]:
         )
         if limit and len(items) >= limit:
             break
-    _nonempty(items, path, "BBQ")
     return items
 
 

@@ -1,7 +1,9 @@
 """The verdict of an evaluation, and how it is stored on the model version's tags.
 
 Promotion (core.aliases) trusts only these tags, so the registry alone says whether a version may go to
-production. An evaluation with no gates checked nothing: it is stored as "no gates", never as a pass.
+production. An evaluation with no gates checked nothing: it is stored as "no gates", never as a pass. One that
+ran only some suites (`tuneops evaluate --suite crows`) judged only their gates: when every judged gate
+passed it is stored as "partial", which promotion does not take for a pass either.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 TAG_LIMIT = 4900
+PARTIAL = "partial"
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Verdict:
     evaluation_run: str
     metrics: dict[str, float] = field(default_factory=dict)
     model_card: str = ""
+    description: str = ""
+    skipped: list[GateResult] = field(default_factory=list)
 
     @property
     def failed(self) -> list[GateResult]:
@@ -47,16 +52,22 @@ class Verdict:
 
     @property
     def outcome(self) -> str:
-        """ "pass", "fail", or "no gates": only a pass may be promoted without --force."""
-        if not self.gates:
+        """ "pass", "fail", "partial" or "no gates": only a pass may be promoted without --force."""
+        if not self.gates and not self.skipped:
             return NO_GATES
-        return PASS if self.passed else FAIL
+        if not self.passed:
+            return FAIL
+        return PARTIAL if self.skipped else PASS
 
     def summary(self) -> str:
         head = f"{self.name}/{self.version}: {self.outcome.upper()} (evaluation run {self.evaluation_run})"
-        if not self.gates:
+        if not self.gates and not self.skipped:
             return head + "\n  no gates configured: promotion needs --force --reason"
-        return "\n".join([head, *("  " + g.describe() for g in self.gates)])
+        lines = [head, *("  " + g.describe() for g in self.gates)]
+        if self.skipped:
+            lines.append(f"  skipped ({len(self.skipped)}, their suites did not run):")
+            lines += ["  " + g.describe() for g in self.skipped]
+        return "\n".join(lines)
 
 
 def record(client: MlflowClient, verdict: Verdict) -> None:
@@ -64,8 +75,10 @@ def record(client: MlflowClient, verdict: Verdict) -> None:
     tags = {
         VERDICT_TAG: verdict.outcome,
         EVALUATION_RUN_TAG: verdict.evaluation_run,
-        GATES_FAILED_TAG: "; ".join(g.gate for g in verdict.failed)[:TAG_LIMIT],
-        GATES_TAG: json.dumps([g.describe() for g in verdict.gates])[:TAG_LIMIT],
+        GATES_FAILED_TAG: "; ".join([g.gate for g in verdict.failed] + [f"not run: {g.gate}" for g in verdict.skipped])[
+            :TAG_LIMIT
+        ],
+        GATES_TAG: json.dumps([g.describe() for g in verdict.gates + verdict.skipped])[:TAG_LIMIT],
         EVALUATED_AT_TAG: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for key, value in tags.items():

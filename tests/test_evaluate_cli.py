@@ -43,10 +43,23 @@ def test_evaluate_uses_the_training_config_gates_then_promotion_follows_the_verd
 
     assert run.data.params["compared_with"] == "base"
     assert "bias.bbq_acc_ambig" not in run.data.metrics  # only the configured suites ran
+    assert run.data.params["sample.crows"] == "4" and run.data.params["sample.seed"] == "0"
+    # the registered version's description is the card's summary: verdict and every gate with its interval
+    description = client.get_model_version("tiny-model", "1").description
+    assert description.startswith("**FAIL**") and "| rougeL >= 0.99 |" in description and "95% interval" in description
 
     assert cli(["promote", "tiny-model", "1"]) == 2
     assert "rougeL >= 0.99" in capsys.readouterr().err
     assert current_alias(client, "tiny-model", PRODUCTION) is None
+
+    # --suite runs the gates of that suite and lists the others as skipped; the verdict is partial, not a pass
+    assert cli(["evaluate", "tiny-model/1", "--suite", "crows", "--no-production"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-model/1: PARTIAL" in out and "PASS  crows_likelihood_diff >= 0" in out
+    assert "SKIP  rougeL >= 0.99" in out and "'quality' suite not run" in out
+    assert client.get_model_version("tiny-model", "1").tags["tuneops.verdict"] == "partial"
+    assert cli(["promote", "tiny-model", "1"]) == 2
+    assert "not run: rougeL >= 0.99" in capsys.readouterr().err
 
     # options override the trained-with config: with a passing gate the version may be promoted
     assert cli(["evaluate", "tiny-model/1", "--gate", "rougeL >= 0", "--suite", "quality"]) == 0

@@ -12,14 +12,30 @@ from core.errors import DataError
 from evaluate import readers
 
 
-def test_shipped_suites_load_with_several_groups():
+def _first_bbq_line() -> str:
+    """The first line of the shipped (gzipped) BBQ Age file, as a plain JSON line."""
+    import gzip
+
+    with gzip.open(readers.DEFAULT_BBQ / "Age.jsonl.gz", "rt", encoding="utf-8") as fh:
+        return fh.readline().rstrip("\n")
+
+
+def test_shipped_suites_are_the_published_ones_with_their_licences():
     crows = readers.read_crows(readers.DEFAULT_CROWS)
     bbq = readers.read_bbq(readers.DEFAULT_BBQ)
     cf = readers.read_counterfactual(readers.DEFAULT_COUNTERFACTUAL)
-    assert 40 <= len(crows) <= 60 and len(Counter(p.bias_type for p in crows)) >= 6
-    assert 30 <= len(bbq) <= 60
+    assert len(crows) == 1508 and len(Counter(p.bias_type for p in crows)) == 9
+    assert len(bbq) == 11956 and len({i.id for i in bbq}) == 11956
+    assert Counter(i.category for i in bbq) == {
+        "Age": 3680,
+        "Disability_status": 1556,
+        "Nationality": 3080,
+        "Physical_appearance": 1576,
+        "Religion": 1200,
+        "Sexual_orientation": 864,
+    }
     assert Counter(i.condition for i in bbq) == {"ambig": len(bbq) // 2, "disambig": len(bbq) // 2}
-    # every item has one unknown answer and, in this suite, exactly one biased answer
+    # every item has one unknown answer and exactly one biased answer
     assert all(len(i.biased) == 1 and i.unknown not in i.biased for i in bbq)
     assert all(i.label == i.unknown for i in bbq if i.condition == "ambig")
     axes = {t.axis for t in cf}
@@ -27,6 +43,25 @@ def test_shipped_suites_load_with_several_groups():
     assert all(len(t.prompts()) >= 2 for t in cf)
     faq = readers.read_quality(readers.SUITES_DIR / "faq_sample.jsonl")
     assert len(faq) == 64 and faq[0].messages[-1]["role"] == "user"
+    assert "Attribution-ShareAlike 4.0" in (readers.DEFAULT_CROWS.parent / "LICENSE").read_text()
+    assert "Attribution 4.0 International" in (readers.DEFAULT_BBQ / "LICENSE").read_text()
+
+
+def test_bbq_reads_a_folder_of_plain_and_gzipped_files(tmp_path: Path):
+    import gzip
+
+    row = json.loads(_first_bbq_line())
+    (tmp_path / "A.jsonl").write_text(json.dumps({**row, "category": "A"}) + "\n")
+    with gzip.open(tmp_path / "B.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write(json.dumps({**row, "category": "B"}) + "\n\n" + json.dumps({**row, "category": "B", "label": 7}))
+    (tmp_path / "notes.txt").write_text("ignored")
+    with pytest.raises(DataError, match=r"B\.jsonl\.gz:3: label must be 0, 1 or 2"):
+        readers.read_bbq(tmp_path)
+    (tmp_path / "B.jsonl.gz").unlink()
+    with gzip.open(tmp_path / "B.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write(json.dumps({**row, "category": "B"}) + "\n")
+    items = readers.read_bbq(tmp_path)
+    assert [i.category for i in items] == ["A", "B"] and items[0].id == "A:0"
 
 
 def test_bbq_biased_answer_depends_on_question_polarity(tmp_path: Path):
@@ -85,7 +120,7 @@ def test_crows_missing_column(tmp_path: Path):
 
 
 def test_malformed_bbq_json_names_line(tmp_path: Path):
-    good = readers.DEFAULT_BBQ.read_text().splitlines()[0]
+    good = _first_bbq_line()
     path = tmp_path / "bbq.jsonl"
     path.write_text(good + "\n\n" + good[:-5] + "\n")
     with pytest.raises(DataError, match=r"bbq.jsonl:3: invalid JSON"):
@@ -93,7 +128,7 @@ def test_malformed_bbq_json_names_line(tmp_path: Path):
 
 
 def test_bbq_bad_label_names_line(tmp_path: Path):
-    row = json.loads(readers.DEFAULT_BBQ.read_text().splitlines()[0])
+    row = json.loads(_first_bbq_line())
     path = tmp_path / "bbq.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": 5}) + "\n")
     with pytest.raises(DataError, match=r"bbq.jsonl:2: label must be 0, 1 or 2"):
@@ -231,7 +266,7 @@ def test_crows_csv_that_is_not_utf8_names_line(tmp_path: Path):
     ],
 )
 def test_bbq_huge_number_or_deep_nesting_names_line(tmp_path: Path, line: str, why: str):
-    good = readers.DEFAULT_BBQ.read_text().splitlines()[0]
+    good = _first_bbq_line()
     path = tmp_path / "bbq.jsonl"
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(DataError, match=rf"bbq.jsonl:2: invalid JSON \({why}"):

@@ -157,3 +157,32 @@ def test_shared_prompt_scoring_equals_scoring_each_pair(subject):
     separate = continuation_logprobs(subject, pairs, batch_size=4)
     for got, want in zip([lp for three in shared for lp in three], separate, strict=True):
         np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def test_bbq_bias_score_is_minus_one_when_every_non_unknown_answer_is_anti_stereotypical():
+    items = [_item("disambig", "neg", 1, (0,)), _item("disambig", "neg", 0, (0,))]
+    # both answered with the non-stereotyped group: 0 biased of 2 non-unknown -> 2 * 0 - 1
+    assert bbq_metrics(items, np.array([1, 1]))["bbq_bias_disambig"].value == pytest.approx(-1.0)
+    # all answers "unknown": the ratio is undefined and the score 0
+    assert bbq_metrics(items, np.array([2, 2]))["bbq_bias_disambig"].value == 0.0
+
+
+def test_bbq_reports_scores_per_category(subject):
+    from dataclasses import replace
+
+    from evaluate.bbq import run_bbq
+
+    items = [
+        replace(_item("ambig", "neg", 2, (0,)), category="Age"),
+        replace(_item("disambig", "neg", 0, (0,)), category="Age"),
+        replace(_item("ambig", "nonneg", 2, (1,)), category="Religion"),
+        replace(_item("disambig", "nonneg", 1, (1,)), category="Religion"),
+    ]
+    result = run_bbq({"base": subject}, items, batch_size=4)
+    keys = set(result.breakdown["base"])
+    for cat in ("Age", "Religion"):
+        for name in ("bbq_acc_ambig", "bbq_acc_disambig", "bbq_bias_ambig", "bbq_bias_disambig"):
+            assert f"{name}.{cat}" in keys
+    pred = [row["answer_base"] for row in result.rows]
+    age = bbq_metrics(items[:2], np.array([items[i].answers.index(pred[i]) for i in range(2)]))
+    assert result.breakdown["base"]["bbq_bias_disambig.Age"] == age["bbq_bias_disambig"].value

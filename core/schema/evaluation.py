@@ -8,6 +8,23 @@ from core.schema.base import Section
 Suite = Literal["quality", "crows", "bbq", "counterfactual"]
 
 
+class BiasSample(Section):
+    """How much of each published bias suite the default evaluation reads; `full: true` reads all of it."""
+
+    crows: int | None = Field(
+        300,
+        ge=1,
+        description="CrowS-Pairs pairs scored, a sample stratified by bias type (null: all 1,508).",
+    )
+    bbq: int | None = Field(
+        240,
+        ge=1,
+        description="BBQ items scored, a sample stratified by category, context condition and question polarity "
+        "(null: all 11,956).",
+    )
+    seed: int = Field(0, description="Seed of the samples: the same seed scores the same items, run after run.")
+
+
 class EvaluationConfig(Section):
     suites: list[Suite] = Field(
         default_factory=lambda: list(get_args(Suite)),
@@ -19,14 +36,30 @@ class EvaluationConfig(Section):
         "folder, in any shape training reads: chat `messages`, ShareGPT `conversations`, instruction, "
         "prompt/completion; the job's `data.columns` applies), scored beside the held-out split.",
     )
-    crows_path: Path | None = Field(None, description="CrowS-Pairs-format CSV; default the shipped suite.")
-    bbq_path: Path | None = Field(None, description="BBQ-format JSONL; default the shipped suite.")
+    crows_path: Path | None = Field(
+        None, description="CrowS-Pairs-format CSV; default the shipped published CrowS-Pairs (1,508 pairs)."
+    )
+    bbq_path: Path | None = Field(
+        None,
+        description="BBQ-format JSONL, a file or a folder of them (plain or .gz); default the shipped published BBQ "
+        "(11,956 items, 6 categories).",
+    )
     counterfactual_path: Path | None = Field(
         None, description="Counterfactual prompt templates (JSONL); default the shipped suite."
     )
     max_examples: int = Field(64, ge=1, description="Held-out items scored for quality, at most, per file.")
+    sample: BiasSample = Field(
+        default_factory=BiasSample,
+        description="Stratified samples of the bias suites (sizes and seed), recorded in the evaluation run.",
+    )
+    full: bool = Field(
+        False, description="Score every item of every bias suite, ignoring `sample` (`tuneops evaluate --full`)."
+    )
     max_bias_items: int | None = Field(
-        None, ge=1, description="Items read from each bias suite, at most; default all of them."
+        None,
+        ge=1,
+        description="Items scored from each bias suite, at most, even with `full` (a stratified sample when the "
+        "suite is larger); default no limit.",
     )
     max_new_tokens: int = Field(96, ge=1, le=4096, description="Longest greedy answer when generating.")
     counterfactual_max_new_tokens: int = Field(

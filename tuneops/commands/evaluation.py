@@ -65,6 +65,9 @@ def evaluate(
     counterfactual: Annotated[
         Path | None, typer.Option("--counterfactual", help="Counterfactual templates JSONL.")
     ] = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Score every item of the bias suites instead of the configured sample.")
+    ] = False,
     max_examples: Annotated[int | None, typer.Option(help="Held-out items per file, at most.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Longest greedy answer.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Items per forward pass.")] = None,
@@ -79,13 +82,15 @@ def evaluate(
     """Measure quality and bias of a version beside base and production, judge its gates, record the verdict.
 
     Without --config, the gates and suites come from the `evaluation` section of the job the version was
-    trained with (when its run logged one); options override them.
+    trained with (when its run logged one); options override them. With --suite, the configured gates of other
+    suites are skipped (and listed); the verdict is then "partial" unless a gate failed.
     """
     from pydantic import ValidationError
 
     from core.config import format_problems
     from core.registry import connect, resolve_version
     from core.schema.evaluation import EvaluationConfig
+    from evaluate.gates import split_by_suite
     from evaluate.job import run_evaluation
 
     client = connect(tracking_uri)
@@ -102,7 +107,13 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
     }
+    skipped: list[str] = []
+    if suite and not gate and isinstance(section.get("gates"), list):
+        applying, skipped = split_by_suite([str(g) for g in section["gates"]], suite)
+        section = {**section, "gates": applying}
     section = {**section, **{k: v for k, v in overrides.items() if v is not None}}
+    if full:
+        section["full"] = True
     if not base:
         section["compare_base"] = False
     if not production:
@@ -119,6 +130,7 @@ def evaluate(
         tracking_uri=tracking_uri,
         device=device,  # type: ignore[arg-type]
         dtype=dtype,  # type: ignore[arg-type]
+        skipped_gates=skipped,
     )
     typer.echo(outcome.summary())
     typer.echo(f"model card: runs:/{outcome.evaluation_run}/model_card.html")
