@@ -179,7 +179,8 @@ def gate_suite(text: str) -> str | None:
 def split_by_suite(texts: Iterable[str], suites: Iterable[str]) -> tuple[list[str], list[str]]:
     """(gates that apply to the suites that run, gates of other suites); unparseable gates count as applying."""
     run = set(suites)
-    applying, skipped = [], []
+    applying: list[str] = []
+    skipped: list[str] = []
     for text in texts:
         suite = gate_suite(text)
         (skipped if suite is not None and suite not in run else applying).append(text)

@@ -1,12 +1,14 @@
-"""Time the default evaluation of a SmolLM2-135M-Instruct version on this machine.
+"""Time the evaluation of a SmolLM2-135M-Instruct version on this machine, as the pipeline runs it.
 
 Registers a LoRA version of the embedded base model in a throw-away MLflow store, logs the shipped FAQ sample
-(64 items) as its held-out split, then times `run_evaluation` with the default config: quality on 64 items
-beside the base model, and the three shipped bias suites on the version and the base. With
-`--with-production` a second version is registered and the first made production, so quality is also
-measured on production (three models instead of two).
+(64 items) as its held-out split, then times `run_evaluation` with the `evaluation` section of a job file
+(default `configs/default.yaml`: quality on 32 held-out items, samples of the published CrowS-Pairs and BBQ,
+counterfactual templates, the version beside its base). `--full` scores every bias item; `--suite` limits the
+suites (`--suite crows --full`: all 1,508 CrowS-Pairs pairs on the version and the base). With
+`--with-production` a second version is registered and the first made production (a third model for quality).
+The load average (`os.getloadavg`) before and after is printed with the figures: read them together.
 
-    .venv/bin/python scripts/bench_eval.py [--with-production] [--max-examples N]
+    .venv/bin/python scripts/bench_eval.py [--config JOB.yaml] [--suite S ...] [--full] [--with-production]
 """
 
 from __future__ import annotations
@@ -58,12 +60,13 @@ def register_version(uri: str, workdir: Path, seed: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--with-production", action="store_true", help="Also compare with a production version.")
-    parser.add_argument("--max-examples", type=int, default=64)
-    parser.add_argument("--max-bias-items", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="Job file to read.")
+    parser.add_argument("--suite", action="append", default=None, help="Suites to run (repeat); default the job's.")
+    parser.add_argument("--full", action="store_true", help="Every item of the bias suites, no sample.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on shared cores).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    load_before = os.getloadavg()
 
     import torch
 
@@ -71,9 +74,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from core.aliases import move_alias
+    from core.config import read_yaml
     from core.device import choose_device, choose_dtype
     from core.registry import PRODUCTION, connect
     from core.schema.evaluation import EvaluationConfig
+    from evaluate.gates import split_by_suite
     from evaluate.job import run_evaluation
 
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
@@ -83,12 +88,10 @@ def main() -> None:
         if args.with_production:
             move_alias(connect(uri), "bench-model", PRODUCTION, version, reason="bench")
             version = register_version(uri, workdir, seed=2)
-        cfg = EvaluationConfig(
-            max_examples=args.max_examples,
-            max_bias_items=args.max_bias_items,
-            max_new_tokens=args.max_new_tokens,
-            gates=["rougeL >= 0.0"],
-        )
+        section = read_yaml(args.config)[0].get("evaluation") or {}
+        if args.suite:
+            section = {**section, "suites": args.suite, "gates": split_by_suite(section["gates"], args.suite)[0]}
+        cfg = EvaluationConfig.model_validate({**section, "full": args.full})
         t0 = time.perf_counter()
         verdict = run_evaluation(f"bench-model/{version}", cfg, tracking_uri=uri)
         seconds = time.perf_counter() - t0
@@ -97,23 +100,29 @@ def main() -> None:
     keys = [
         "eval.rougeL",
         "eval.base.rougeL",
-        "eval.perplexity",
         "bias.crows_pct_stereotype",
-        "bias.bbq_acc_ambig",
+        "bias.base.crows_pct_stereotype",
+        "bias.bbq_bias_ambig",
+        "bias.bbq_acc_disambig",
     ]
     print(
         json.dumps(
             {
                 "seconds": round(seconds, 1),
+                "config": str(args.config),
+                "suites": cfg.suites,
+                "full": cfg.full,
+                "sample": cfg.sample.model_dump(),
                 "with_production": args.with_production,
-                "quality_items": args.max_examples,
-                "max_bias_items": args.max_bias_items,
-                "max_new_tokens": args.max_new_tokens,
+                "quality_items": cfg.max_examples,
+                "max_new_tokens": cfg.max_new_tokens,
                 "dtype": str(choose_dtype("auto", choose_device("auto"))),
                 "torch_threads": torch.get_num_threads(),
                 **per_suite,
-                "load_average": os.getloadavg()[0],
+                "load_average_before": [round(x, 2) for x in load_before],
+                "load_average_after": [round(x, 2) for x in os.getloadavg()],
                 **{k: round(verdict.metrics[k], 4) for k in keys if k in verdict.metrics},
+                "gates": [g.describe() for g in verdict.gates],
             },
             indent=2,
         )
