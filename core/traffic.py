@@ -155,7 +155,11 @@ def normalise_rating(raw: str | int) -> float:
 
 @dataclass
 class Capture:
-    """What the gateway hands over for one request; `write_trace` turns it into a trace."""
+    """What the gateway hands over for one request; `write_trace` turns it into a trace.
+
+    Its texts are stored as given: whoever builds one masks them first (the gateway's writer does, off the
+    request path).
+    """
 
     request_id: str
     model: str
@@ -172,7 +176,7 @@ class Capture:
     completion_tokens: int
     ttft_s: float | None
     latency_s: float
-    messages: list[dict] | None = None  # already masked, or None when content is not captured
+    messages: list[dict] | None = None  # None when content is not captured
     prompt: str | None = None
     completions: list[str] | None = None
 

@@ -96,6 +96,23 @@ class TrafficCapture:
         """Record one finished request (answered, failed or abandoned); never blocks, never raises."""
         if self._closed or (self.settings.sample_rate < 1.0 and random.random() >= self.settings.sample_rate):
             return
+        try:
+            self._hand_over(prep, endpoint, completion_id, texts, reasons, completion_tokens, first_token, error)
+        except Exception:  # capture must never fail the request it records
+            log.exception("traffic capture: a record was lost")
+            self.metrics.traces_dropped.labels(prep.served.model, "error").inc()
+
+    def _hand_over(
+        self,
+        prep: PreparedRequest,
+        endpoint: str,
+        completion_id: str,
+        texts: dict[int, str],
+        reasons: dict[int, str],
+        completion_tokens: int,
+        first_token: float | None,
+        error: BaseException | None,
+    ) -> None:
         done = time.perf_counter()
         if error is None:
             status, http_status, message = "ok", 200, None
@@ -166,7 +183,7 @@ class TrafficCapture:
 
     def _start(self) -> Any:
         with self._lock:
-            if self._inbox is None:
+            if self._inbox is None and not self._closed:
                 self._outbox = self._ctx.Queue()
                 inbox = self._ctx.Queue(self.settings.buffer_size)
                 self._writer = self._ctx.Process(
@@ -183,8 +200,15 @@ class TrafficCapture:
 
     def _collect(self) -> None:
         """Take the writer's reports: metrics, completion id -> trace id, and wake feedback waiting on them."""
+        outbox, writer = self._outbox, self._writer
         while True:
-            report: Written | None = self._outbox.get()
+            try:
+                report: Written | None = outbox.get(timeout=1.0)
+            except queue.Empty:
+                if not writer.is_alive() and not self._closed:
+                    self._writer_died()
+                    return
+                continue
             if report is None:
                 return
             completion_id, model, trace_id, error = report
@@ -197,6 +221,20 @@ class TrafficCapture:
                     self._warned = now
                     log.warning("traffic capture: writing a trace to %s failed: %s", self.tracking_uri, error)
             self._reported(completion_id, model, trace_id, error)
+
+    def _writer_died(self) -> None:
+        """The writer process ended by itself (killed, crashed): its records are lost; the next record restarts it."""
+        log.error("traffic capture: the writer process exited (code %s); starting another", self._writer.exitcode)
+        with self._lock:
+            inbox, self._inbox = self._inbox, None
+            lost, self._in_flight = +self._in_flight, collections.Counter()
+            pending, self._pending = self._pending, {}
+        for model, count in lost.items():
+            self.metrics.traces_dropped.labels(model, "write_failed").inc(count)
+        for event in pending.values():
+            event.set()
+        inbox.cancel_join_thread()
+        inbox.close()
 
     def _reported(self, completion_id: str, model: str, trace_id: str | None, error: str | None) -> None:
         with self._lock:

@@ -135,6 +135,17 @@ def test_written_traces_are_counted_in_metrics(gateway):
     assert gateway.metric("tuneops:traces_dropped_total") == 0
 
 
+def test_a_writer_process_that_dies_is_replaced(gateway, store):
+    capture = gateway.gateway.capture
+    gateway.client(ALICE).chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=2)
+    writer = wait_for(lambda: capture._writer, "the writer process")
+    writer.kill()
+    wait_for(lambda: capture._inbox is None, "the gateway to notice")
+    out = gateway.client(ALICE).chat.completions.create(model="tiny-model", messages=CHAT, max_tokens=2)
+    assert record_of(store.uri, out.id).status == "ok"
+    assert capture._writer is not writer and capture._writer.is_alive()
+
+
 @pytest.mark.parametrize(
     ("text", "masked"),
     [
