@@ -108,5 +108,7 @@ class Metrics:
             ("model_name", "reason"),
             registry=r,
         )
-        self.traces_queued = Gauge("tuneops:traces_queued", "Request traces waiting to be written or being written.", registry=r)
+        self.traces_queued = Gauge(
+            "tuneops:traces_queued", "Request traces waiting to be written or being written.", registry=r
+        )
         self.ready = Gauge("tuneops:ready", "1 when the gateway is ready to serve.", registry=r)
