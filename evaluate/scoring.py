@@ -7,6 +7,7 @@ Position ids follow the attention mask, so padding never shifts a sequence's rot
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -148,6 +149,14 @@ def generate_greedy(
     return out
 
 
+def _common_prefix(rows: Sequence[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    common = min(len(r) for r in rows) - 1
+    for row in rows[1:]:
+        common = next((i for i in range(common) if row[i] != rows[0][i]), common)
+    return max(common, 0)
+
+
 def shared_prompt_logprobs(
     subject: Subject,
     prompts: Sequence[list[int]],
@@ -158,18 +167,35 @@ def shared_prompt_logprobs(
     """Like `continuation_logprobs` for several continuations of one prompt, running each prompt once.
 
     Multiple-choice items (BBQ's three answers) share a long prompt: the prompt is prefilled once, its KV
-    cache is repeated per continuation, and the right-padded continuations are scored on top of it.
+    cache is repeated per continuation, and the right-padded continuations are scored on top of it. The start
+    every prompt has in common (the chat template's system turn, ~30 tokens) is prefilled once for the whole
+    call; each batch's prompts continue from a copy of that cache, left-padded after it.
     """
     tokenizer = subject.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else subject.eos_ids[0]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    rows = [list(p)[-(MAX_TOKENS // 2) :] for p in prompts]
+    if not rows:
+        return []
+    if any(not r for r in rows):
+        raise ValueError("every scored prompt needs at least one token")
+    common = _common_prefix(rows)
+    order = sorted(range(len(prompts)), key=lambda i: -len(rows[i]))
     out: list[list[np.ndarray]] = [[] for _ in prompts]
     with subject.active() as model:
         device = _device_of(model)
+        shared = None
+        if common:
+            shared = model(input_ids=torch.tensor([rows[0][:common]], device=device), use_cache=True).cache
         for batch in tqdm(list(_batches(order, batch_size)), desc=f"{desc} [{subject.label}]", leave=False):
-            rows = [list(prompts[i])[-(MAX_TOKENS // 2) :] for i in batch]
-            inputs = _left_pad(rows, pad_id, device)
-            prefill = model(**inputs, use_cache=True, logits_to_keep=1)
+            inputs = _left_pad([rows[i][common:] for i in batch], pad_id, device)
+            cache = None
+            if shared is not None:
+                cache = copy.deepcopy(shared)
+                cache.reorder_cache(torch.zeros(len(batch), dtype=torch.long, device=device))
+                ones = torch.ones((len(batch), common), dtype=torch.long, device=device)
+                inputs["attention_mask"] = torch.cat([ones, inputs["attention_mask"]], dim=1)
+                inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1)[:, common:]
+            prefill = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
             first = torch.log_softmax(prefill.logits[:, -1].float(), dim=-1)
             flat = [(b, list(c)) for b, i in enumerate(batch) for c in continuations[i]]
             if any(not c for _, c in flat):

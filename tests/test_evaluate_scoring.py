@@ -186,3 +186,24 @@ def test_bbq_reports_scores_per_category(subject):
     pred = [row["answer_base"] for row in result.rows]
     age = bbq_metrics(items[:2], np.array([items[i].answers.index(pred[i]) for i in range(2)]))
     assert result.breakdown["base"]["bbq_bias_disambig.Age"] == age["bbq_bias_disambig"].value
+
+
+def test_shared_prompt_scoring_with_a_common_start_equals_scoring_each_pair(subject):
+    """Prompts that start alike (a system turn) continue from one cache of that start, padded after it."""
+    from evaluate.scoring import shared_prompt_logprobs
+
+    tok = subject.tokenizer
+    system = "System: you answer questions about building sites briefly.\nUser: "
+    prompts = [
+        tok(system + q, add_special_tokens=False)["input_ids"]
+        for q in ("Who laid the bricks?", "Who poured the concrete on the north side of the site last week?", "Hi")
+    ]
+    prompts.append(list(prompts[2]))  # a repeated prompt
+    conts = [
+        [tok(c, add_special_tokens=False)["input_ids"] for c in ("The man", "Unknown", "The young apprentice")]
+    ] * 4
+    shared = shared_prompt_logprobs(subject, prompts, conts, batch_size=3)
+    pairs = [(p, c) for p, cs in zip(prompts, conts, strict=True) for c in cs]
+    separate = continuation_logprobs(subject, pairs, batch_size=4)
+    for got, want in zip([lp for three in shared for lp in three], separate, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-4)
