@@ -36,6 +36,8 @@ class CardInputs:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
     return str(value)
@@ -61,7 +63,7 @@ def _gate_blocks(card: CardInputs) -> list[Block]:
             g.gate,
             _fmt(g.value),
             _interval(g.ci),
-            g.decided_on if g.compared is None or g.decided_on == "value" else f"{g.decided_on} {_fmt(g.compared)}",
+            "n/a" if g.skipped else g.decided_on if g.decided_on == "value" else f"{g.decided_on} {_fmt(g.compared)}",
             _fmt(g.threshold),
             "skipped" if g.skipped else ("pass" if g.passed else "FAIL"),
             g.note,
