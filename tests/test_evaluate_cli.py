@@ -53,11 +53,14 @@ def test_evaluate_uses_the_training_config_gates_then_promotion_follows_the_verd
     assert current_alias(client, "tiny-model", PRODUCTION) is None
 
     # --suite runs the gates of that suite and lists the others as skipped; the verdict is partial, not a pass
-    assert cli(["evaluate", "tiny-model/1", "--suite", "crows", "--no-production"]) == 0
+    assert cli(["evaluate", "tiny-model/1", "--suite", "crows", "--full", "--no-production"]) == 0
     out = capsys.readouterr().out
     assert "tiny-model/1: PARTIAL" in out and "PASS  crows_likelihood_diff >= 0" in out
     assert "SKIP  rougeL >= 0.99" in out and "'quality' suite not run" in out
-    assert client.get_model_version("tiny-model", "1").tags["tuneops.verdict"] == "partial"
+    tags = client.get_model_version("tiny-model", "1").tags
+    assert tags["tuneops.verdict"] == "partial"
+    params = client.get_run(tags["tuneops.evaluation_run"]).data.params
+    assert params["full"] == "True" and params["sample.crows"] == "4"  # --full: no sample; max_bias_items still caps
     assert cli(["promote", "tiny-model", "1"]) == 2
     assert "not run: rougeL >= 0.99" in capsys.readouterr().err
 
