@@ -209,19 +209,22 @@ def simple_measures(reference: list[str], window: list[str], confidence: float) 
 
 
 def embed(subject: Subject, texts: list[str], batch_size: int, max_tokens: int = 256) -> np.ndarray:
-    """Mean-pooled last hidden states of the subject's model (the base model with adapters off)."""
+    """Mean-pooled last hidden states of the subject's model (the base model with adapters off).
+
+    Prompts are batched by length, so a batch pads little; the rows come back in the order of `texts`.
+    """
     import torch
 
     tokenizer = subject.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else subject.eos_ids[0]
-    out = []
+    ids_all = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [pad_id] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(ids_all[i]))
+    out: list[np.ndarray] = [np.empty(0)] * len(texts)
     with subject.active() as model:
         device = next(model.parameters()).device
-        for start in range(0, len(texts), batch_size):
-            rows = [
-                tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] or [pad_id]
-                for t in texts[start : start + batch_size]
-            ]
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            rows = [ids_all[i] for i in batch]
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -236,8 +239,10 @@ def embed(subject: Subject, texts: list[str], batch_size: int, max_tokens: int =
             )
             hidden = result.hidden_states[-1].float()
             m = mask.to(device).unsqueeze(-1).float()
-            out.append(((hidden * m).sum(1) / m.sum(1)).cpu().numpy())
-    return np.concatenate(out) if out else np.empty((0, 0))
+            pooled = ((hidden * m).sum(1) / m.sum(1)).cpu().numpy()
+            for i, row in zip(batch, pooled, strict=True):
+                out[i] = row
+    return np.stack(out) if out else np.empty((0, 0))
 
 
 def _classifier(n_features: int, n_samples: int, seed: int) -> Any:
@@ -265,7 +270,10 @@ def domain_classifier(
     y = np.r_[np.zeros(len(reference), dtype=int), np.ones(len(window), dtype=int)]
     folds = StratifiedKFold(n_splits=min(5, len(window), len(reference)), shuffle=True, random_state=seed)
     clf = _classifier(x.shape[1], len(x) - len(x) // folds.n_splits, seed)
-    with warnings.catch_warnings():
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread: these fits are small, and on shared cores a thread pool per fit is 40x slower.
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")  # convergence chatter on separable data: the AUC says it all
         scores = cross_val_predict(clf, x, y, cv=folds, method="predict_proba")[:, 1]
         auc = float(roc_auc_score(y, scores))
