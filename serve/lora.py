@@ -143,7 +143,8 @@ class LoraSet:
         self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._corrections: dict[tuple[str, str | None], dict[str, _Correction]] = {}
         self._groups: list[tuple[torch.Tensor, dict[str, _Correction]]] = []
-        self._hooks: dict[str, Any] = {}
+        self._targets: set[str] = set()  # modules some adapter changes
+        self._hooks: dict[str, Any] = {}  # installed only while a step has corrected rows: a hook slows every call
         self._streak: tuple[str | None, int] = (None, 0)
         self.unmergeable: set[str] = set()
         self.merge_switches = 0
@@ -153,7 +154,7 @@ class LoraSet:
     def add(self, name: str, path: Path) -> None:
         adapter = load_adapter(name, path, self.model)
         for module in adapter.modules:
-            if module not in self._hooks:
+            if module not in self._targets:
                 linear = self._linears[module]
                 weight = linear.weight.detach()
                 bias = linear.bias.detach() if linear.bias is not None else None
@@ -162,7 +163,7 @@ class LoraSet:
                     weight.to("cpu", copy=True),
                     None if bias is None else bias.to("cpu", copy=True),
                 )
-                self._hooks[module] = linear.register_forward_hook(self._hook(module))
+                self._targets.add(module)
         self.adapters[name] = adapter
         finite = all(
             bool(torch.isfinite(t).all()) for d in adapter.modules.values() for t in (d.a, d.b, d.bias) if t is not None
@@ -218,7 +219,9 @@ class LoraSet:
             self._streak = (None, 0)
         self._groups = []
         if names == {self.merged}:
+            self._unhook()
             return
+        self._hook_all()
         device = next(self.model.parameters()).device
         for name in sorted(names - {self.merged}):
             rows = torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device)
@@ -226,6 +229,15 @@ class LoraSet:
 
     def clear(self) -> None:
         self._groups = []
+
+    def _hook_all(self) -> None:
+        for module in self._targets - set(self._hooks):
+            self._hooks[module] = self._linears[module].register_forward_hook(self._hook(module))
+
+    def _unhook(self) -> None:
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
 
     def _correction(self, name: str) -> dict[str, _Correction]:
         key = (name, self.merged)
