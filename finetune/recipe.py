@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -12,7 +15,11 @@ import torch
 
 from core.device import dtype_name
 from core.schema.job import JobConfig
+from finetune.attention import use_packed_attention
+from finetune.batching import TokenBudgetSampler
 from finetune.prepare import Tokenized
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -106,35 +113,87 @@ def training_arguments(cfg: JobConfig, output_dir: Path, device: torch.device, d
     )
 
 
+@functools.cache
+def _fused_cross_entropy() -> Any:
+    """Liger's fused linear + cross-entropy (CUDA, Triton) when `liger-kernel` is installed, else None."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:  # an installed but broken liger (no Triton, wrong torch) leaves the plain loss
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+
+def fused_loss_applies(model: Any, device: torch.device) -> bool:
+    """Fused linear + cross-entropy runs on CUDA only, for models whose head is a plain `lm_head` Linear."""
+    if device.type != "cuda" or _fused_cross_entropy() is None:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "lm_head", None)
+    return isinstance(head, torch.nn.Linear) and hasattr(base, "model") and getattr(head, "bias", None) is None
+
+
+def _fused_loss(model: Any, forward: dict[str, Any], keep: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed loss at `keep` from the last hidden states and the head's weight, the logits never materialised."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(**forward, use_cache=False).last_hidden_state[0, keep]
+    return _fused_cross_entropy()(base.lm_head.weight, hidden, targets)
+
+
 def trained_logits_loss(model: Any, inputs: dict[str, Any], num_items: Any = None) -> tuple[torch.Tensor, Any]:
     """Causal-LM loss computing logits only at positions whose next token is trained.
 
     The 49k-vocabulary head is a fifth of a small model's step, and most packed tokens are prompt tokens; a
-    packed micro-batch is one row, so the kept positions are one index vector for `logits_to_keep`.
+    packed micro-batch is one row, so the kept positions are one index vector for `logits_to_keep`. On CUDA with
+    Liger installed the head and the loss are one fused kernel (the outputs are then None: no logits exist).
     """
     labels = inputs["labels"]
     keep = (labels[0, 1:] != -100).nonzero().squeeze(-1)
     # Without a cache transformers reads example boundaries from position_ids; with one it attends across them.
     forward = {k: v for k, v in inputs.items() if k != "labels"}
-    outputs = model(**forward, use_cache=False, logits_to_keep=keep)
-    loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), labels[0, keep + 1], reduction="sum")
+    if fused_loss_applies(model, labels.device):
+        loss = _fused_loss(model, forward, keep, labels[0, keep + 1])
+        outputs = None
+    else:
+        outputs = model(**forward, use_cache=False, logits_to_keep=keep)
+        loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), labels[0, keep + 1], reduction="sum")
     return loss / (num_items if num_items is not None else max(1, keep.numel())), outputs
 
 
 def _trainer_class() -> type:
+    from torch.utils.data import DataLoader
     from transformers import Trainer
 
     class PackedTrainer(Trainer):
-        """The Trainer with `trained_logits_loss` for packed (single-row) micro-batches."""
+        """The Trainer with `trained_logits_loss` for packed (single-row) micro-batches, and token-budget rows."""
+
+        tokens_per_batch: int | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             labels = inputs.get("labels")
             if labels is None or labels.shape[0] != 1 or "position_ids" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if return_outputs and fused_loss_applies(model, labels.device):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # logits wanted
             loss, outputs = trained_logits_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as the Trainer scales its own token-averaged loss
             return (loss, outputs) if return_outputs else loss
+
+        def get_train_dataloader(self) -> DataLoader:
+            if self.tokens_per_batch is None or self.train_dataset is None:
+                return super().get_train_dataloader()
+            lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
+            sampler = TokenBudgetSampler(lengths, self.tokens_per_batch, self.args.data_seed or self.args.seed)
+            loader = DataLoader(
+                self.train_dataset,
+                batch_sampler=sampler,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+            return self.accelerator.prepare(loader)
 
     return PackedTrainer
 
@@ -155,6 +214,10 @@ def make_trainer(
     args = training_arguments(cfg, output_dir, device, dtype, has_eval=bool(validation))
     if cfg.training.early_stopping_patience is not None and validation:
         callbacks = [*callbacks, EarlyStoppingCallback(cfg.training.early_stopping_patience)]
+    if cfg.training.packing:
+        use_packed_attention(model, device, dtype)
+        if fused_loss_applies(model, device):
+            log.info("loss: fused linear + cross-entropy (Liger); no logits materialised")
     trainer_class = _trainer_class() if cfg.training.packing else Trainer
     trainer = trainer_class(
         model=model,
@@ -166,4 +229,6 @@ def make_trainer(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
+    if cfg.training.packing:
+        trainer.tokens_per_batch = cfg.training.tokens_per_batch
     return trainer

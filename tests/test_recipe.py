@@ -1,30 +1,25 @@
-"""The training recipe's pieces against the reference behaviour of transformers."""
+"""The training recipe's pieces: packed attention, the loss at trained positions, token-budget batches."""
 
+import logging
+
+import pytest
 import torch
+from pydantic import ValidationError
 
 from core.models import load_causal_lm, load_tokenizer
+from core.schema.training import TrainingConfig
+from finetune import attention
+from finetune.attention import FALLBACK, PACKED, use_packed_attention
+from finetune.batching import TokenBudgetSampler, budget_batches
 from finetune.prepare import IGNORE, Tokenized
-from finetune.recipe import trained_logits_loss
+from finetune.recipe import fused_loss_applies, trained_logits_loss
 
-
-def test_trained_logits_loss_equals_the_full_logits_loss_on_a_packed_row(tiny_base):
-    from transformers import DataCollatorWithFlattening
-
-    model = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32)
-    tok = load_tokenizer(tiny_base)
-    rows = []
-    for text, answer in [("Question one?", "Yes."), ("Another question here?", "No, not at all.")]:
-        p = tok(text, add_special_tokens=False)["input_ids"]
-        a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append(Tokenized(p + a, [IGNORE] * len(p) + a, "x", []))
-    batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(
-        [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
-    )
-    batch = {k: torch.as_tensor(v) for k, v in batch.items()}
-    reference = model(**batch, use_cache=False).loss
-    ours, outputs = trained_logits_loss(model, batch)
-    assert outputs.logits.shape[1] == sum(sum(1 for x in r.labels if x != IGNORE) for r in rows)
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+PAIRS = [
+    ("What is a permit?", "A written approval."),
+    ("Is a carport a building?", "Yes, when it has a roof and stands on a foundation."),
+    ("Who inspects?", "The city."),
+]
+CUDA = torch.cuda.is_available()
 
 
 def _rows(tok, pairs):
@@ -36,33 +31,188 @@ def _rows(tok, pairs):
     return rows
 
 
-def _packed(rows):
+def _packed(rows, device="cpu"):
     from transformers import DataCollatorWithFlattening
 
     batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(
         [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
     )
-    return {k: torch.as_tensor(v) for k, v in batch.items()}
+    return {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
-def test_no_attention_crosses_packed_examples(tiny_base):
-    """Each example's trained logits inside a packed row equal its logits alone; a leak changes the later ones."""
+def _example_losses(model, rows, batch, **extra) -> list[torch.Tensor]:
+    """Each example's mean next-token loss, read out of one forward pass over `batch`."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False, **extra).logits[0].float()
+    labels = batch["labels"][0]
+    token_loss = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], reduction="none", ignore_index=IGNORE)
+    trained = labels[1:] != IGNORE
+    out, start = [], 0
+    for r in rows:
+        end = start + len(r.input_ids)
+        span = slice(start, end - 1)  # predictions made inside this example (its last one looks at the next)
+        out.append(token_loss[span][trained[span]].mean())
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("implementation", [PACKED, FALLBACK])
+def test_each_example_in_a_packed_row_has_its_loss_alone(tiny_base, implementation):
+    """No attention crosses packed examples, on every CPU attention path: each example's loss inside the row is
+    its loss alone. Plain causal attention over the same row (boundaries ignored) changes the later examples."""
+    attention._register()
     model = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32).eval()
-    rows = _rows(
-        load_tokenizer(tiny_base),
+    model.set_attn_implementation(implementation)
+    rows = _rows(load_tokenizer(tiny_base), PAIRS)
+    batch = _packed(rows)
+    with torch.no_grad():
+        alone = [_example_losses(model, [r], _packed([r]))[0] for r in rows]
+        packed = _example_losses(model, rows, batch)
+        # Plain causal attention over the same row: SDPA given an all-ones mask sees one sequence.
+        model.set_attn_implementation("sdpa")
+        leaked = _example_losses(model, rows, batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    torch.testing.assert_close(torch.stack(packed), torch.stack(alone), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaked[0], alone[0], rtol=1e-5, atol=1e-5)  # the first sees nothing before it
+    for i in (1, 2):
+        assert abs(float(leaked[i] - alone[i])) > 1e-4, f"example {i}: a leak would change its loss"
+
+
+def test_trained_logits_loss_equals_the_full_logits_loss_on_a_packed_row(tiny_base):
+    model = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32)
+    use_packed_attention(model, torch.device("cpu"), torch.float32)
+    rows = _rows(load_tokenizer(tiny_base), PAIRS[:2])
+    batch = _packed(rows)
+    reference = model(**batch, use_cache=False).loss
+    ours, outputs = trained_logits_loss(model, batch)
+    assert outputs.logits.shape[1] == sum(sum(1 for x in r.labels if x != IGNORE) for r in rows)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_is_chosen_on_cpu_and_logged(tiny_base, caplog):
+    model = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32)
+    with caplog.at_level(logging.INFO, logger="finetune.attention"):
+        chosen = use_packed_attention(model, torch.device("cpu"), torch.float32)
+    assert chosen.startswith(PACKED) and model.config._attn_implementation == PACKED
+    assert f"attention: {chosen}" in caplog.text
+
+
+def test_a_kernel_that_fails_its_check_falls_back_to_the_block_mask(tiny_base, monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(attention, "_agrees", broken)
+    attention.packed_attention_works.cache_clear()
+    model = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32)
+    try:
+        with caplog.at_level(logging.INFO, logger="finetune.attention"):
+            chosen = use_packed_attention(model, torch.device("cpu"), torch.float32)
+    finally:
+        attention.packed_attention_works.cache_clear()
+    assert chosen.startswith(FALLBACK) and model.config._attn_implementation == FALLBACK
+    assert "failed its check" in caplog.text and "no kernel here" in caplog.text
+
+
+def test_packed_attention_leaves_padded_batches_to_sdpa(tiny_base):
+    """A padded batch (evaluation, generation) goes through the mask it was given, as with plain SDPA."""
+    attention._register()
+    model = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation(PACKED)
+        ours = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours, reference)
+
+
+def test_budget_batches_hold_every_example_once_within_the_budget():
+    lengths = [30, 50, 20, 200, 10, 60, 40, 90]
+    batches = budget_batches(lengths, 100, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= 100
+    assert [b for b in batches if sum(lengths[i] for i in b) > 100] == [[3]]  # longer than the budget: alone
+    assert budget_batches(lengths, 100, seed=3) == batches
+
+
+def test_token_budget_sampler_keeps_its_batches_and_reorders_them_per_epoch():
+    sampler = TokenBudgetSampler([10] * 40, 30, seed=1)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert len(sampler) == len(first) == len(second) == 14
+    assert sorted(map(sorted, first)) == sorted(map(sorted, second)) and first != second
+
+
+def test_tokens_per_batch_has_a_floor():
+    with pytest.raises(ValidationError, match="tokens_per_batch"):
+        TrainingConfig(tokens_per_batch=8)
+
+
+def test_tokens_per_batch_needs_packing():
+    with pytest.raises(ValidationError, match="tokens_per_batch needs packing"):
+        TrainingConfig(tokens_per_batch=1024, packing=False)
+    assert TrainingConfig(tokens_per_batch=1024).tokens_per_batch == 1024
+
+
+def test_trainer_rows_follow_the_token_budget(tmp_path, tiny_base):
+    from core.config import load_config
+    from core.schema.job import JobConfig
+    from finetune.job import check
+    from finetune.recipe import attach_lora, make_trainer
+
+    cfg = load_config(
+        JobConfig,
+        None,
         [
-            ("What is a permit?", "A written approval."),
-            ("Is a carport a building?", "Yes, when it has a roof."),
-            ("Who inspects?", "The city."),
+            f"model.base={tiny_base}",
+            "data.path=builtin:zaragoza-faq",
+            "data.max_examples=30",
+            "data.max_length=256",
+            f"training.output_dir={tmp_path}",
+            "training.tokens_per_batch=600",
         ],
     )
+    checked = check(cfg)
+    device = torch.device("cpu")
+    model = attach_lora(load_causal_lm(checked.base, device, torch.float32), cfg)
+    trainer = make_trainer(cfg, model, checked.tokenizer, checked.data.train, [], tmp_path, device, torch.float32, [])
+    rows = list(trainer.get_train_dataloader())
+    lengths = sorted(len(t.input_ids) for t in checked.data.train)
+    assert sum(r["input_ids"].shape[1] for r in rows) == sum(lengths)
+    assert all(r["input_ids"].shape[0] == 1 and r["input_ids"].shape[1] <= max(600, lengths[-1]) for r in rows)
+    assert len(rows) < len(lengths) / 2  # rows of several examples, not batch_size-independent singletons
+
+
+def test_fused_loss_stays_off_on_cpu(tiny_base):
+    model = load_causal_lm(tiny_base, torch.device("cpu"), torch.float32)
+    assert not fused_loss_applies(model, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_varlen_kernel_agrees_with_the_block_mask_on_cuda():
+    assert attention._agrees(torch.device("cuda"), torch.bfloat16)
+    assert "varlen" in attention.kernel_name(torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_each_example_in_a_packed_row_has_its_loss_alone_on_cuda(tiny_base):
+    attention._register()
+    model = load_causal_lm(tiny_base, torch.device("cuda"), torch.bfloat16).eval()
+    model.set_attn_implementation(PACKED)
+    rows = _rows(load_tokenizer(tiny_base), PAIRS)
     with torch.no_grad():
-        alone = [trained_logits_loss(model, _packed([r]))[1].logits[0] for r in rows]
-        packed = trained_logits_loss(model, _packed(rows))[1].logits[0]
-        # The same row read as one sequence (a cache makes transformers ignore the boundaries): later rows differ.
-        batch = _packed(rows)
-        keep = (batch["labels"][0, 1:] != IGNORE).nonzero().squeeze(-1)
-        leaked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep)
-    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-4, atol=1e-4)
-    tail = len(alone[-1])
-    assert not torch.allclose(leaked.logits[0][-tail:], alone[-1], atol=1e-3)
+        alone = [_example_losses(model, [r], _packed([r], "cuda"))[0] for r in rows]
+        packed = _example_losses(model, rows, _packed(rows, "cuda"))
+    torch.testing.assert_close(torch.stack(packed), torch.stack(alone), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_fused_loss_equals_the_trained_logits_loss_on_cuda(tiny_base):
+    pytest.importorskip("liger_kernel")
+    model = load_causal_lm(tiny_base, torch.device("cuda"), torch.float32)
+    assert fused_loss_applies(model, torch.device("cuda"))
+    batch = _packed(_rows(load_tokenizer(tiny_base), PAIRS), "cuda")
+    fused, outputs = trained_logits_loss(model, batch)
+    assert outputs is None
+    reference = model(**batch, use_cache=False).loss
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)

@@ -14,7 +14,22 @@ class TrainingConfig(Section):
     )
     epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 uses epochs.")
-    batch_size: int = Field(8, ge=1, description="Examples per device per micro-batch (packed into one row).")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="Examples per device per micro-batch (packed into one row); an optimizer step then counts "
+        "batch_size x gradient_accumulation_steps examples. Ignored for training when tokens_per_batch is set.",
+    )
+    tokens_per_batch: int | None = Field(
+        None,
+        ge=16,
+        description="Micro-batches by token budget instead of batch_size (needs packing): each packed row takes "
+        "whole examples, in a seeded shuffled order, while their tokens fit the budget (an example longer than it "
+        "trains alone), so a GPU gets rows big enough to fill it. An optimizer step is then "
+        "gradient_accumulation_steps such rows: it counts tokens (about tokens_per_batch x "
+        "gradient_accumulation_steps), not examples, and epochs and max_steps count those steps. The rows are cut "
+        "once per run and visited in a new order each epoch. Evaluation still uses batch_size.",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
@@ -34,6 +49,12 @@ class TrainingConfig(Section):
         None, ge=1, description="Stop after this many evaluations without a better validation loss."
     )
     seed: int = Field(42, description="Seed of weights init, dropout and data order; same seed, same losses.")
+
+    @model_validator(mode="after")
+    def _budget_needs_packing(self) -> "TrainingConfig":
+        if self.tokens_per_batch is not None and not self.packing:
+            raise ValueError("tokens_per_batch needs packing: true (a token budget fills one packed row)")
+        return self
 
     @model_validator(mode="after")
     def _save_on_eval(self) -> "TrainingConfig":

@@ -1,0 +1,182 @@
+"""Attention over a packed row at the cost of its examples, not of one long sequence.
+
+A packed micro-batch is one row of several examples told apart by position ids that restart at 0. transformers'
+SDPA path builds an L x L block mask for it and attends over the whole row; `segmented_attention` instead runs
+each example on its own: PyTorch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, one call with
+the cumulative boundaries) on CUDA in bf16/fp16; elsewhere one causal SDPA call (SDPA's fused kernel, no mask)
+over the examples as a batch right-padded to the longest, which costs examples x longest^2 instead of length^2.
+`use_packed_attention` checks it once against the block-mask SDPA on random inputs and falls
+back to that path when it is unavailable or disagrees.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+PACKED = "tuneops_packed"  # the attn_implementation name registered with transformers
+FALLBACK = "sdpa"  # transformers' block-mask SDPA over the whole row
+
+
+def boundaries(position_ids: torch.Tensor | None, length: int, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """Cumulative example boundaries [0, e1, e2, ..., L] of a packed row (int32), or None when not packed.
+
+    Taken from the collator's `cu_seq_lens_q` when it sent them, else from where the position ids restart at 0.
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return cu.to(torch.int32)
+    if position_ids is None or position_ids.shape[0] != 1:
+        return None
+    starts = (position_ids[0] == 0).nonzero().squeeze(-1)
+    if starts.numel() <= 1:
+        return None
+    end = torch.tensor([length], device=starts.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def _varlen_kernel(query: torch.Tensor) -> Any:
+    """PyTorch's varlen flash-attention kernel where it runs: CUDA, half precision."""
+    if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def segmented_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: (batch, heads, L, dim) in, (batch, L, heads, dim) out.
+
+    A packed row (batch 1, no cache, query as long as key) is attended example by example; anything else (a
+    padded batch, generation with a cache) goes to transformers' SDPA with the mask it was given.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    length = query.shape[2]
+    cu = None
+    if query.shape[0] == 1 and key.shape[2] == length and dropout == 0.0:
+        cu = boundaries(kwargs.get("position_ids"), length, kwargs)
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    kernel = _varlen_kernel(query)
+    if kernel is not None:
+        max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, heads, dim)
+        out = kernel(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
+        return out.unsqueeze(0), None
+    return _padded_causal(query, key, value, cu.long(), scaling, gqa), None
+
+
+def _padded_causal(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, scaling: float | None, gqa: bool
+) -> torch.Tensor:
+    """The row's examples as a batch right-padded to the longest, one causal SDPA call, real positions back.
+
+    Exact: with causal attention a real query sees only earlier positions of its own example, never the padding
+    after it, and the padding's own outputs are dropped. Costs n x longest^2 instead of the row's length^2.
+    """
+    lengths = cu[1:] - cu[:-1]
+    n, longest = lengths.numel(), int(lengths.max())
+    steps = torch.arange(longest, device=cu.device)
+    index = cu[:-1, None] + torch.minimum(steps[None], (lengths - 1)[:, None])  # (examples, longest)
+    real = (steps[None] < lengths[:, None]).reshape(-1).nonzero().squeeze(-1)
+
+    def batch(t: torch.Tensor) -> torch.Tensor:
+        return t[0][:, index].transpose(0, 1)  # (examples, heads, longest, dim)
+
+    out = F.scaled_dot_product_attention(
+        batch(query), batch(key), batch(value), is_causal=True, scale=scaling, enable_gqa=gqa
+    )
+    heads, dim = out.shape[1], out.shape[3]
+    return out.transpose(1, 2).reshape(n * longest, heads, dim)[real].unsqueeze(0)
+
+
+@functools.cache
+def _register() -> None:
+    """Register the packed attention (and its mask, which is SDPA's, for the fallback inside it) once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED, segmented_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+
+
+def _agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    """One check on random inputs: the packed kernel equals the block-mask SDPA reference, outputs and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 11, 3]
+    total, heads, kv_heads, dim = sum(lengths), 4, 2, 16
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(device)
+    tensors = [
+        torch.randn(1, h, total, dim, generator=gen).to(device, dtype).requires_grad_()
+        for h in (heads, kv_heads, kv_heads)
+    ]
+    q, k, v = tensors
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+    mask = (causal & (doc[:, None] == doc[None, :]))[None, None]
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    module = torch.nn.Module()
+    out, _ = segmented_attention(module, q, k, v, None, position_ids=position_ids)
+    if out.shape != reference.shape:
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    grads = torch.autograd.grad(out.float().sum(), tensors)
+    ref_grads = torch.autograd.grad(reference.float().sum(), tensors)
+    return torch.allclose(out.float(), reference.float(), atol=tol, rtol=tol) and all(
+        torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(grads, ref_grads, strict=True)
+    )
+
+
+@functools.cache
+def packed_attention_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the packed attention passes its one-time check on this device and dtype (cached per process)."""
+    try:
+        return _agrees(torch.device(device_type), dtype)
+    except Exception as exc:  # any failure of the kernel means the fallback, never a failed job
+        log.warning("packed attention failed its check on %s (%s: %s)", device_type, type(exc).__name__, exc)
+        return False
+
+
+def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
+    """What `segmented_attention` runs on this device and dtype, for the log."""
+    if _varlen_kernel(torch.empty(0, device=device, dtype=dtype)) is not None:
+        return "varlen flash attention (torch.nn.attention.varlen)"
+    return "causal SDPA over the examples padded to the longest"
+
+
+def use_packed_attention(model: Any, device: torch.device, dtype: torch.dtype) -> str:
+    """Switch a model (or a peft model around it) to packed attention when it passes its check; returns the name
+    of what attention now runs, which is logged. Models transformers cannot switch keep their own."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(base.config, "_attn_implementation", None)
+    if current not in (FALLBACK, PACKED):
+        log.info("attention: %s (the model's own; packed attention replaces only sdpa)", current)
+        return str(current)
+    _register()
+    if packed_attention_works(device.type, dtype):
+        base.set_attn_implementation(PACKED)
+        chosen = f"{PACKED}: {kernel_name(device, dtype)}"
+    else:
+        base.set_attn_implementation(FALLBACK)
+        chosen = f"{FALLBACK}: block mask over the packed row (fallback)"
+    log.info("attention: %s", chosen)
+    return chosen
