@@ -7,7 +7,7 @@ TUNEOPS := $(VENV)/bin/tuneops
 JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
 RUN := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) HF_HUB_OFFLINE=1
 
-.PHONY: setup demo test test-fast serve stack stack-down lint bench clean
+.PHONY: setup demo monitor-demo test test-fast serve stack stack-down lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(RUN) $(TUNEOPS) pipeline configs/default.yaml
+
+# Serve the promoted default, send it traffic, rate the answers, monitor, retrain and promote (README, Monitoring).
+monitor-demo: setup
+	$(RUN) $(PY) scripts/monitor_demo.py
 
 test: setup
 	$(RUN) $(PY) -m pytest

@@ -87,7 +87,7 @@ def _conversation(record: TrafficRecord) -> list[dict[str, str]] | None:
 def new_examples(records: list[TrafficRecord], used: set[str]) -> tuple[list[NewExample], dict[str, int]]:
     """Rated-good answers and corrections from `records`, masked; traces in `used` are left out."""
     out: list[NewExample] = []
-    skipped = {"already_used": 0, "not_captured": 0, "not_good": 0, "unrated": 0}
+    skipped = {"already_used": 0, "not_captured": 0, "not_good": 0, "unrated": 0}  # `not_good`: or empty
     for r in records:
         if not r.feedback or r.status != "ok":
             skipped["unrated"] += 1
@@ -267,7 +267,7 @@ def run_retrain(
             corrected,
             len(training.trace_ids),
         )
-        retrain_cfg = _retrain_config(cfg, path, run_id)
+        retrain_cfg = _retrain_config(cfg, path, run_id, len(training.new))
         job = _train(retrain_cfg, job_name, run_id, trigger_run)
         verdict = evaluate_version(retrain_cfg, job, evaluation)
         result = promote_version(retrain_cfg, job_name, job, verdict)
@@ -286,10 +286,12 @@ def run_retrain(
     return RetrainResult(run_id, len(training.job_rows) + len(training.new), rated, corrected, result)
 
 
-def _retrain_config(cfg: JobConfig, path: Path, run_id: str) -> JobConfig:
-    # `auto` shape: the new file is chat-shaped, a separate validation file keeps whatever shape it has.
+def _retrain_config(cfg: JobConfig, path: Path, run_id: str, new: int) -> JobConfig:
+    """The job on the new training file. `auto` shape: the file is chat-shaped, and a separate validation file
+    keeps whatever shape it has; a `max_examples` cap grows by the new examples, so they are not cut for it."""
     columns = cfg.data.columns.model_copy(update={"messages": ColumnMap().messages})
-    data = cfg.data.model_copy(update={"path": path, "shape": "auto", "columns": columns})
+    cap = cfg.data.max_examples + new if cfg.data.max_examples else None
+    data = cfg.data.model_copy(update={"path": path, "shape": "auto", "columns": columns, "max_examples": cap})
     registry = cfg.registry.model_copy(update={"tags": {**cfg.registry.tags, RETRAIN_RUN_TAG: run_id}})
     return cfg.model_copy(update={"data": data, "registry": registry})
 
