@@ -12,12 +12,12 @@ class BiasSample(Section):
     """How much of each published bias suite the default evaluation reads; `full: true` reads all of it."""
 
     crows: int | None = Field(
-        200,
+        150,
         ge=1,
         description="CrowS-Pairs pairs scored, a sample stratified by bias type (null: all 1,508).",
     )
     bbq: int | None = Field(
-        120,
+        72,
         ge=1,
         description="BBQ items scored, a sample stratified by category, context condition and question polarity "
         "(null: all 11,956).",
