@@ -10,6 +10,7 @@ DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[smhdw])$")
 
 DEFAULT_CHECKS = [
     "drift_domain_auc.lower <= 0.7",
+    "drift_domain_pvalue >= 0.01",
     "drift_length_pvalue >= 0.001",
     "drift_language_share >= 0.8",
     "drift_oov_share <= 0.3",
