@@ -222,8 +222,9 @@ def run_evaluation(
     skipped_gates: gates of suites this evaluation does not run; listed in the verdict, which is then at best
     "partial" (see evaluate.verdict).
 
-    Writes a child run of the version's training run (metrics, tables, charts, model card) and tags the
-    version with `tuneops.verdict`, `tuneops.evaluation_run` and `tuneops.gates_failed`.
+    Writes a child run of the version's training run (metrics, tables, charts, model card), tags the
+    version with `tuneops.verdict`, `tuneops.evaluation_run` and `tuneops.gates_failed`, and makes the card's
+    summary (verdict, gates with intervals, headline metrics) the version's description in the registry.
     Raises a TuneopsError (exit status 2) for a bad reference, gate, or suite file, before loading a model.
     """
     cfg = cfg or EvaluationConfig()
