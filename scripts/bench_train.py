@@ -1,10 +1,25 @@
-"""Training throughput: the tuneops recipe against the baseline a typical user writes, in one run.
+"""Training throughput: the tuneops recipe against two baselines users write, in one run.
 
-Both arms train LoRA (same rank, targets, learning rate, seed) on the same examples of the default job; each
-runs in its own process so peak memory and the allocator are its own. Reported: real (non-padding) tokens
-per second, peak resident memory, and the validation loss after the same number of examples.
+Every arm trains LoRA (same rank, targets, learning rate, seed, examples per micro-batch and per optimizer step)
+on the same first examples of the default job, each in its own process so peak memory and the allocator are
+its own:
 
-    python scripts/bench_train.py [--examples 128] [--config configs/default.yaml]
+  padded:  what a typical user writes: Trainer + peft, every example padded to 512 tokens, fp32;
+  dynamic: what a competent user writes: Trainer + peft, dynamic padding to the longest in the micro-batch
+           (DataCollatorForSeq2Seq), bf16 where the CPU has it (core.device's choice), else fp32;
+  recipe:  finetune.recipe: padding-free packing with packed attention, logits only at trained positions, the
+           dtype core.device picks, jemalloc.
+
+Reported per arm: real (non-padding) tokens/s, peak resident memory, validation loss after training (the same
+packed evaluation for every arm), and the share of the machine's measured matmul rate in the arm's dtype that
+the useful work reaches (4 x parameters FLOP per real token: forward plus input gradients). The script first
+prints the CPU, its flags and the fp32 / bf16 matmul rates it measured.
+
+The quiet measurement (nothing else running on the machine):
+
+    .venv/bin/python scripts/bench_train.py --examples 32
+
+Smoke check that it runs: .venv/bin/python scripts/bench_train.py --examples 4 --validation 4
 """
 
 from __future__ import annotations
@@ -19,11 +34,49 @@ import time
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+ARMS = ("padded", "dynamic", "recipe")
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model name and the flags that decide the fast dtype."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": "unknown", "flags": []}
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return {"model": model, "flags": [f for f in FLAGS if f in flags], "cores": os.cpu_count()}
+
+
+def matmul_rate(dtype: Any, size: int = 1024, seconds: float = 2.0, device: Any = None) -> float:
+    """Measured GFLOP/s of a size^3 matmul in `dtype` (best of repeated runs for about `seconds`)."""
+    import torch
+
+    device = device or torch.device("cpu")
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # first call: allocations, kernel selection
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
 
 
 def build_trainer(arm: str, cfg: Any, checked: Any, train: list, out_dir: Path, device: Any) -> tuple[Any, Any]:
-    """The two arms on the same seeded LoRA init: the baseline a typical user writes, or the tuneops recipe."""
+    """One arm's Trainer on the same seeded LoRA init: `padded`, `dynamic` or `recipe` (see the docstring)."""
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
@@ -32,32 +85,33 @@ def build_trainer(arm: str, cfg: Any, checked: Any, train: list, out_dir: Path, 
     from finetune.recipe import attach_lora, make_trainer, to_dataset, training_arguments
 
     set_seed(cfg.training.seed)
-    if arm == "baseline":
-        # Trainer + peft, every example padded to the longest allowed, fp32.
+    if arm in ("padded", "baseline"):
         dtype = torch.float32
+        padding: dict[str, Any] = {"padding": "max_length", "max_length": 512}
+    elif arm == "dynamic":
+        dtype = choose_dtype("auto", device)
+        padding = {"padding": "longest"}
+    else:
+        dtype = choose_dtype(cfg.model.dtype, device)
         model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
-        args = training_arguments(cfg, out_dir, device, dtype, has_eval=False)
-        args.include_num_input_tokens_seen = "no"
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=to_dataset(train),
-            data_collator=DataCollatorForSeq2Seq(
-                checked.tokenizer, padding="max_length", max_length=512, label_pad_token_id=-100
-            ),
-        )
-        return trainer, dtype
-    dtype = choose_dtype(cfg.model.dtype, device)
+        return make_trainer(cfg, model, checked.tokenizer, train, [], out_dir, device, dtype, []), dtype
     model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
-    return make_trainer(cfg, model, checked.tokenizer, train, [], out_dir, device, dtype, []), dtype
+    args = training_arguments(cfg, out_dir, device, dtype, has_eval=False)
+    args.include_num_input_tokens_seen = "no"
+    collator = DataCollatorForSeq2Seq(checked.tokenizer, label_pad_token_id=-100, **padding)
+    trainer = Trainer(model=model, args=args, train_dataset=to_dataset(train), data_collator=collator)
+    return trainer, dtype
 
 
-def run_arm(arm: str, config: Path, examples: int, out_dir: Path) -> dict:
+def run_arm(arm: str, config: Path, examples: int, validation: int, out_dir: Path, extra: list[str]) -> dict:
+    import torch
+    from transformers import DataCollatorWithFlattening
 
     from core.config import load_config
     from core.device import choose_device, dtype_name
     from core.schema.job import JobConfig
     from finetune.job import check
+    from finetune.recipe import to_dataset
 
     cfg = load_config(
         JobConfig,
@@ -69,56 +123,73 @@ def run_arm(arm: str, config: Path, examples: int, out_dir: Path) -> dict:
             "training.eval_steps=100000",
             "training.save_steps=100000",
             "training.logging_steps=1000",
-            # 4 examples per micro-batch, 2 micro-batches per step: the padded baseline at 8 x 512 needs ~13 GB
+            # 4 examples per micro-batch, 2 micro-batches per step: the padded arm at 8 x 512 needs ~13 GB
             "training.batch_size=4",
             "training.gradient_accumulation_steps=2",
+            *(extra if arm == "recipe" else []),
         ],
     )
     checked = check(cfg)
     train = checked.data.train[:examples]
-    validation = checked.data.validation
+    held_out = checked.data.validation[:validation]
     device = choose_device(cfg.model.device)
     trainer, dtype = build_trainer(arm, cfg, checked, train, out_dir, device)
     real_tokens = sum(len(t.input_ids) for t in train)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    from transformers import DataCollatorWithFlattening
-
-    from finetune.recipe import to_dataset
-
-    trainer.eval_dataset = to_dataset(validation)
+    # The same evaluation for every arm: packed rows, exact (transformers keeps packed examples apart).
+    trainer.eval_dataset = to_dataset(held_out)
     trainer.data_collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     eval_loss = trainer.evaluate()["eval_loss"]
+    model = trainer.model
+    params = sum(p.numel() for p in model.parameters())
     return {
         "arm": arm,
         "dtype": dtype_name(dtype),
+        "attention": getattr(model.get_base_model().config, "_attn_implementation", "?"),
         "examples": len(train),
         "real_tokens": real_tokens,
         "seconds": seconds,
         "tokens_per_second": real_tokens / seconds,
+        "flop_per_token": 4 * params,
         "eval_loss": eval_loss,
+        "validation_examples": len(held_out),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "jemalloc": "jemalloc" in os.environ.get("LD_PRELOAD", ""),
+        "threads": torch.get_num_threads(),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
-    parser.add_argument("--examples", type=int, default=128)
-    parser.add_argument("--arm", choices=["baseline", "recipe"], help=argparse.SUPPRESS)
+    parser.add_argument("--examples", type=int, default=32, help="training examples per arm")
+    parser.add_argument("--validation", type=int, default=50, help="held-out examples for the validation loss")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--tokens-per-batch", type=int, default=None, help="recipe only: micro-batches by token budget")
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    extra = [f"training.tokens_per_batch={args.tokens_per_batch}"] if args.tokens_per_batch else []
     if args.arm:
-        result = run_arm(args.arm, args.config, args.examples, args.out.parent / f"ckpt-{args.arm}")
+        result = run_arm(args.arm, args.config, args.examples, args.validation, args.out.parent / args.arm, extra)
         args.out.write_text(json.dumps(result))
         return
     import tempfile
 
+    import torch
+
+    cpu = cpu_description()
+    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    print(f"cpu: {cpu['model']}, {cpu['cores']} cores, flags: {' '.join(cpu['flags']) or 'none of ' + str(FLAGS)}")
+    print(
+        f"matmul 1024^3 ({torch.get_num_threads()} threads): fp32 {rates['fp32']:.1f} GFLOP/s, "
+        f"bf16 {rates['bf16']:.1f} GFLOP/s"
+    )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arm in ("baseline", "recipe"):
+        for arm in args.arms:
             env = dict(os.environ)
             if arm == "recipe" and JEMALLOC.is_file():
                 env["LD_PRELOAD"] = str(JEMALLOC)
@@ -132,21 +203,41 @@ def main() -> None:
                 str(args.config),
                 "--examples",
                 str(args.examples),
+                "--validation",
+                str(args.validation),
                 "--out",
                 str(out),
             ]
+            if args.tokens_per_batch:
+                cmd += ["--tokens-per-batch", str(args.tokens_per_batch)]
             subprocess.run(cmd, env=env, check=True)
             results.append(json.loads(out.read_text()))
-    base, recipe = results
-    print(f"\n{'arm':10} {'dtype':6} {'examples':>8} {'real tok/s':>11} {'peak MiB':>9} {'val loss':>9}")
-    for r in results:
-        print(
-            f"{r['arm']:10} {r['dtype']:6} {r['examples']:8d} {r['tokens_per_second']:11.1f} "
-            f"{r['peak_rss_mib']:9.0f} {r['eval_loss']:9.4f}"
-        )
     print(
-        f"speed-up: {recipe['tokens_per_second'] / base['tokens_per_second']:.2f}x real tokens/s; "
-        f"memory: {recipe['peak_rss_mib'] / base['peak_rss_mib']:.2f}x peak"
+        f"\n{'arm':8} {'dtype':5} {'attention':15} {'examples':>8} {'real tok/s':>11} {'% matmul':>8} "
+        f"{'peak MiB':>9} {'val loss':>9}"
+    )
+    for r in results:
+        useful = r["tokens_per_second"] * r["flop_per_token"] / 1e9
+        r["matmul_share"] = useful / rates[r["dtype"]] if r["dtype"] in rates else float("nan")
+        print(
+            f"{r['arm']:8} {r['dtype']:5} {r['attention']:15} {r['examples']:8d} {r['tokens_per_second']:11.1f} "
+            f"{100 * r['matmul_share']:7.1f}% {r['peak_rss_mib']:9.0f} {r['eval_loss']:9.4f}"
+        )
+    by_arm = {r["arm"]: r for r in results}
+    if "recipe" in by_arm:
+        recipe = by_arm["recipe"]
+        for name in ("padded", "dynamic"):
+            if name in by_arm:
+                base = by_arm[name]
+                print(
+                    f"recipe vs {name}: {recipe['tokens_per_second'] / base['tokens_per_second']:.2f}x real tokens/s, "
+                    f"{recipe['peak_rss_mib'] / base['peak_rss_mib']:.2f}x peak memory, "
+                    f"val loss {recipe['eval_loss'] - base['eval_loss']:+.4f}"
+                )
+    print(
+        f"(% matmul: {results[0]['flop_per_token'] / 1e6:.0f} MFLOP per real token x tok/s over the measured "
+        "matmul rate of the arm's dtype; validation on "
+        f"{results[0]['validation_examples']} held-out examples)"
     )
 
 

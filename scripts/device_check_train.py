@@ -8,12 +8,16 @@ tokenizer carried in .devcarry/smollm2-config, saved with a fixed seed into a fo
     python scripts/device_check_train.py ... --cpu-smoke                      # same code paths, tiny, on CPU
     python scripts/device_check_train.py --serve-smoke -- ARGS                # CPU shim for device_check_serve.py
 
-Training measures, on the same examples of `builtin:zaragoza-faq` with the same LoRA config and batch size:
-  baseline: Trainer + peft, every example padded to 512, fp32;
-  recipe:   finetune.recipe.make_trainer (padding-free packing, bf16 on CUDA via core.device.choose_dtype);
-real (non-padding) tokens/s, peak torch.cuda.max_memory_allocated and validation loss after training; then one
-full finetune.job.run_job with a temporary sqlite MLflow store, and the registered version loaded back through
-mlflow.pyfunc. Exit status 0 when every step passed, 1 otherwise.
+Training measures, on the same examples of `builtin:zaragoza-faq` with the same LoRA config:
+  padded:  Trainer + peft, every example padded to 512, fp32 (batch size examples per micro-batch);
+  dynamic: Trainer + peft, dynamic padding to the longest, bf16 (batch size examples per micro-batch);
+  recipe:  finetune.recipe.make_trainer: packed rows of --tokens-per-batch tokens, packed attention (varlen
+           flash on CUDA), fused linear + cross-entropy when liger-kernel is installed, bf16;
+real (non-padding) tokens/s, peak torch.cuda.max_memory_allocated, validation loss after training (the same
+packed evaluation for every arm), and MFU: 4 x parameters FLOP per real token against the measured bf16 matmul
+rate and, for known GPUs, the nominal dense bf16 peak. Targets: recipe >= 2x padded tokens/s at no worse
+validation loss. Then one full finetune.job.run_job with a temporary sqlite MLflow store, and the registered
+version loaded back through mlflow.pyfunc. Exit status 0 when every step passed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -172,13 +176,21 @@ def warm_up(checked: Any, cfg: Any, device: Any) -> None:
     log(f"warm-up: {time.perf_counter() - t0:.1f} s")
 
 
+# Nominal dense bf16 tensor-core peaks (TFLOP/s), for MFU; other GPUs get the measured matmul rate only.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "L40S": 362.0}
+
+
+def nominal_peak(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
 def run_arm(arm: str, checked: Any, cfg: Any, train: list, validation: list, out_dir: Path, device: Any) -> dict:
-    """bench_train.py's two arms, on the device, with peak device memory."""
+    """bench_train.py's arms, on the device, with peak device memory."""
     from bench_train import build_trainer
     from transformers import DataCollatorWithFlattening
 
     from core.device import dtype_name
-    from finetune.recipe import to_dataset
+    from finetune.recipe import fused_loss_applies, to_dataset
 
     _reset_memory(device)
     trainer, dtype = build_trainer(arm, cfg, checked, train, out_dir, device)
@@ -192,15 +204,19 @@ def run_arm(arm: str, checked: Any, cfg: Any, train: list, validation: list, out
     trainer.eval_dataset = to_dataset(validation)
     trainer.data_collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     eval_loss = float(trainer.evaluate()["eval_loss"])
+    params = sum(p.numel() for p in trainer.model.parameters())
     out = {
         "arm": arm,
         "dtype": dtype_name(dtype),
         "device": str(device),
+        "attention": getattr(trainer.model.get_base_model().config, "_attn_implementation", "?"),
+        "fused_loss": arm == "recipe" and fused_loss_applies(trainer.model, device),
         "examples": len(train),
         "steps": int(result.global_step),
         "real_tokens": real_tokens,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(real_tokens / seconds, 1),
+        "flop_per_token": 4 * params,
         "train_loss": round(float(result.training_loss), 4),
         "eval_loss": round(eval_loss, 4),
         "peak_mib": round(peak_train, 1) if peak_train is not None else None,
@@ -211,7 +227,10 @@ def run_arm(arm: str, checked: Any, cfg: Any, train: list, validation: list, out
     return out
 
 
-def arms(base: Path, work: Path, examples: int, batch_size: int, device: Any) -> dict:
+def arms(base: Path, work: Path, examples: int, batch_size: int, tokens_per_batch: int | None, device: Any) -> dict:
+    import torch
+    from bench_train import matmul_rate
+
     from finetune.job import check
 
     cfg = job_config(base, work / "arms", batch_size, [f"model.device={device.type}"])
@@ -221,27 +240,60 @@ def arms(base: Path, work: Path, examples: int, batch_size: int, device: Any) ->
     validation = checked.data.validation[: 16 if device.type == "cpu" else None]  # CPU smoke: keep it short
     if len(train) < examples:
         log(f"note: only {len(train)} training examples available (asked for {examples})")
+    if tokens_per_batch is None:  # rows of as many examples on average as the baselines' micro-batches
+        tokens_per_batch = max(16, round(batch_size * sum(len(t.input_ids) for t in train) / len(train)))
+    log(f"recipe: rows of up to {tokens_per_batch} tokens; baselines: {batch_size} examples per micro-batch")
+    size = 8192 if device.type == "cuda" else 512
+    rate = matmul_rate(torch.bfloat16, size=size, seconds=2.0, device=device) * 1e9
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    peak = nominal_peak(name)
+    log(f"bf16 matmul {size}^3: {rate / 1e12:.1f} TFLOP/s measured; nominal peak {peak or 'unknown'} TFLOP/s")
     if device.type == "cuda":
         warm_up(checked, cfg, device)
+    recipe_cfg = job_config(
+        base,
+        work / "arms",
+        batch_size,
+        [f"model.device={device.type}", f"training.tokens_per_batch={tokens_per_batch}"],
+    )
     results = []
-    for arm in ("baseline", "recipe"):
-        r = run_arm(arm, checked, cfg, train, validation, work / f"ckpt-{arm}", device)
+    for arm in ("padded", "dynamic", "recipe"):
+        arm_cfg = recipe_cfg if arm == "recipe" else cfg
+        r = run_arm(arm, checked, arm_cfg, train, validation, work / f"ckpt-{arm}", device)
+        useful = r["tokens_per_second"] * r["flop_per_token"]
+        r["matmul_share"] = round(useful / rate, 4)
+        r["mfu"] = round(useful / (peak * 1e12), 4) if peak else None
         log(
-            f"{r['arm']:9} {r['dtype']:5} {r['examples']:4d} ex {r['steps']:3d} steps {r['seconds']:7.2f} s "
-            f"{r['tokens_per_second']:10.1f} real tok/s  peak {r['peak_mib']:8.0f} MiB  val loss {r['eval_loss']:.4f}"
+            f"{r['arm']:8} {r['dtype']:5} {r['attention']:15} {r['examples']:4d} ex {r['steps']:3d} steps "
+            f"{r['seconds']:7.2f} s {r['tokens_per_second']:10.1f} real tok/s  peak {r['peak_mib']:8.0f} MiB  "
+            f"val loss {r['eval_loss']:.4f}  {100 * r['matmul_share']:.1f}% of bf16 matmul  MFU {r['mfu']}"
         )
         results.append(r)
-    b, r = results
-    ratio = {
-        "tokens_per_second": round(r["tokens_per_second"] / b["tokens_per_second"], 2),
-        "peak_memory": round(r["peak_mib"] / b["peak_mib"], 3) if b["peak_mib"] else None,
-        "eval_loss_delta": round(r["eval_loss"] - b["eval_loss"], 4),
+    by_arm = {r["arm"]: r for r in results}
+    ratios = {}
+    for name_ in ("padded", "dynamic"):
+        b, r = by_arm[name_], by_arm["recipe"]
+        ratios[name_] = {
+            "tokens_per_second": round(r["tokens_per_second"] / b["tokens_per_second"], 2),
+            "peak_memory": round(r["peak_mib"] / b["peak_mib"], 3) if b["peak_mib"] else None,
+            "eval_loss_delta": round(r["eval_loss"] - b["eval_loss"], 4),
+        }
+        q = ratios[name_]
+        log(
+            f"recipe / {name_}: {q['tokens_per_second']:.2f}x real tokens/s, {q['peak_memory']}x peak memory, "
+            f"val loss {q['eval_loss_delta']:+.4f}"
+        )
+    target = ratios["padded"]["tokens_per_second"] >= 2 and ratios["padded"]["eval_loss_delta"] <= 0.01
+    log(f"target (recipe >= 2x padded tokens/s, no worse val loss): {'MET' if target else 'NOT MET'}")
+    return {
+        **by_arm,
+        "ratio": ratios,
+        "target_met": target,
+        "bf16_matmul_tflops": round(rate / 1e12, 2),
+        "nominal_peak_tflops": peak,
+        "tokens_per_batch": tokens_per_batch,
+        "validation_examples": len(validation),
     }
-    log(
-        f"recipe / baseline: {ratio['tokens_per_second']:.2f}x real tokens/s, {ratio['peak_memory']}x peak memory, "
-        f"val loss {ratio['eval_loss_delta']:+.4f}"
-    )
-    return {"baseline": b, "recipe": r, "ratio": ratio, "validation_examples": len(validation)}
 
 
 def full_job(base: Path, work: Path, batch_size: int, steps: int, device: Any, quantization: str = "none") -> dict:
@@ -367,6 +419,7 @@ def main() -> int:
     parser.add_argument("--serve-smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--tokens-per-batch", type=int, default=None, help="the recipe's token budget per row")
     parser.add_argument("--job-steps", type=int, default=None)
     parser.add_argument("--skip", default="", help="comma-separated: arms,job,qlora")
     args, rest = parser.parse_known_args()
@@ -382,8 +435,9 @@ def main() -> int:
     if smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     device = torch.device("cpu" if smoke else "cuda")
-    examples = args.examples or (8 if smoke else 256)
-    batch_size = args.batch_size or (4 if smoke else 16)
+    examples = args.examples or (8 if smoke else 512)
+    batch_size = args.batch_size or (4 if smoke else 32)
+    tokens_per_batch = args.tokens_per_batch  # None: batch size x mean example length (same examples per step)
     job_steps = args.job_steps or (2 if smoke else 20)
     work = Path(tempfile.mkdtemp(prefix="tuneops-devcheck-train-"))
     base_dir = (args.base_dir or work / "base").resolve()
@@ -397,8 +451,9 @@ def main() -> int:
         "transformers": transformers.__version__,
         "examples": examples,
         "batch_size": batch_size,
+        "tokens_per_batch": tokens_per_batch,
     }
-    for lib in ("peft", "accelerate", "mlflow", "datasets", "pydantic"):
+    for lib in ("peft", "accelerate", "mlflow", "datasets", "pydantic", "liger_kernel"):
         try:
             summary[lib] = __import__(lib).__version__
         except Exception as exc:
@@ -409,7 +464,7 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     if ok and not args.build_only:
         if "arms" not in skip:
-            ok &= step("arms", summary, arms, base_dir, work, examples, batch_size, device)
+            ok &= step("arms", summary, arms, base_dir, work, examples, batch_size, tokens_per_batch, device)
         if "job" not in skip:
             ok &= step("job", summary, full_job, base_dir, work, batch_size, job_steps, device)
         if "qlora" not in skip:
