@@ -190,6 +190,8 @@ def test_too_little_traffic_content_not_captured_and_other_models_say_so(make_ve
     send(mlflow_store, "tiny", "1", 6, content=False, cut_every=0)
     send(mlflow_store, "tiny", "1", 2, as_model="elsewhere")
     send(mlflow_store, "tiny", "7", 1)
+    make_version("tiny", seed=1)
+    send(mlflow_store, "tiny", "2", 2, error_every=1)  # every request failed
     assert run(["monitor", "tiny", "--config", str(config), "--since", "1h"]) == 0
     out = capsys.readouterr().out
     assert "2 trace(s) from another model (elsewhere)" in out
@@ -199,6 +201,7 @@ def test_too_little_traffic_content_not_captured_and_other_models_say_so(make_ve
     assert "tiny/7: 1 request(s)" in out and "cannot run: model 'tiny' has no version 7" in out
     assert "too little traffic: 1 request(s) in the window, the service checks need 5" in out
     assert "NO DATA  bad_feedback_share.upper <= 0.5: too little feedback: 0 rating(s)" in out
+    assert "NO DATA  drift_oov_share <= 0.3: no request in the window was answered" in out
 
 
 def test_monitor_and_retrain_fail_in_one_line_when_the_tracking_server_is_down(tmp_path, capsys):

@@ -147,10 +147,12 @@ def _measure_version(
 
     prompts = [r.prompt for r in records if r.status == "ok" and r.prompt and r.prompt.strip()]
     content_missing = None
-    if records and not prompts:
-        content_missing = "content not captured (`capture.content: false`): no prompts to measure"
-    elif not records:
+    if not records:
         content_missing = "no traffic in the window"
+    elif not any(r.status == "ok" for r in records):
+        content_missing = "no request in the window was answered"
+    elif not prompts:
+        content_missing = "content not captured (`capture.content: false`): no prompts to measure"
     registered = True
     try:
         ref = resolve_version(client, f"{name}/{version}")
