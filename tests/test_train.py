@@ -111,6 +111,25 @@ def test_same_seed_gives_the_same_losses(tmp_path, tiny_base, mlflow_store):
     assert losses(client, a.run_id) != losses(client, c.run_id)
 
 
+def test_token_budget_job_counts_an_optimizer_step_per_row_and_logs_the_attention(
+    tmp_path, tiny_base, mlflow_store, caplog
+):
+    """With tokens_per_batch an epoch is as many steps as the budget cuts rows (gradient_accumulation_steps=1)."""
+    import logging
+
+    from finetune.batching import budget_batches
+    from finetune.job import check
+
+    cfg = job(tmp_path, tiny_base, mlflow_store, training={"max_steps": -1, "epochs": 1, "tokens_per_batch": 700})
+    checked = check(cfg)
+    rows = budget_batches([len(t.input_ids) for t in checked.data.train], 700, cfg.training.seed)
+    with caplog.at_level(logging.INFO, logger="finetune.attention"):
+        result = run_job(cfg, "budget", checked=checked)
+    steps = [step for step, _ in losses(connect(mlflow_store), result.run_id)]
+    assert max(steps) == len(rows) < len(checked.data.train) / 2
+    assert "attention: tuneops_packed" in caplog.text
+
+
 def test_interrupted_run_is_marked_and_resume_continues_it_exactly(tmp_path, tiny_base, mlflow_store, monkeypatch):
     from finetune import callbacks
 
