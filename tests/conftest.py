@@ -280,13 +280,22 @@ def make_version(tiny_base: Path, mlflow_store: str, tmp_path: Path) -> Callable
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Publisher]:
-    """One store shared by a test module (gateways are slow to start): publish versions, move aliases."""
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_base: Path
+) -> Iterator[Publisher]:
+    """One store shared by a test module (gateways are slow to start): publish versions, move aliases.
+    SQLite by default; parametrize it indirectly with "postgres" for the PostgreSQL-backed MLflow server."""
     root = tmp_path_factory.mktemp("store")
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
+    if getattr(request, "param", "sqlite") == "postgres":
+        server: TrackingServer = request.getfixturevalue("tracking_server")
+        server.reset()
+        uri = server.uri
+    else:
+        uri = f"sqlite:///{root}/mlflow.db"
     try:
-        _use_store(f"sqlite:///{root}/mlflow.db", mp)
-        yield Publisher(f"sqlite:///{root}/mlflow.db", root, tiny_base)
+        _use_store(uri, mp)
+        yield Publisher(uri, root, tiny_base)
     finally:
         mp.undo()

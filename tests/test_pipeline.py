@@ -3,6 +3,7 @@
 import logging
 from pathlib import Path
 
+import pytest
 import yaml
 
 from core.aliases import history
@@ -10,7 +11,7 @@ from core.registry import CANDIDATE, PRODUCTION, connect, current_alias
 from tuneops.cli import run
 
 
-def write_job(tmp_path: Path, tiny_base: Path, gates: list[str], promote: str = "auto") -> Path:
+def write_job(tmp_path: Path, tiny_base: Path, gates: list[str], promote: str = "auto", uri: str | None = None) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -24,7 +25,7 @@ def write_job(tmp_path: Path, tiny_base: Path, gates: list[str], promote: str = 
                     "batch_size": 4,
                     "eval_steps": 2,
                 },
-                "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+                "tracking": {"tracking_uri": uri or f"sqlite:///{tmp_path}/mlflow.db"},
                 "registry": {"model_name": "pipe", "promote": promote},
                 "evaluation": {
                     "suites": ["quality"],
@@ -39,10 +40,12 @@ def write_job(tmp_path: Path, tiny_base: Path, gates: list[str], promote: str = 
     return path
 
 
-def test_passing_gates_make_a_candidate_and_auto_promote(tmp_path, tiny_base, capsys, caplog):
+@pytest.mark.parametrize("mlflow_store", ["sqlite", "postgres"], indirect=True)
+def test_passing_gates_make_a_candidate_and_auto_promote(mlflow_store, tmp_path, tiny_base, capsys, caplog):
     caplog.set_level(logging.INFO)
-    assert run(["pipeline", str(write_job(tmp_path, tiny_base, ["perplexity <= 2 * base"]))]) == 0
-    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+    job = write_job(tmp_path, tiny_base, ["perplexity <= 2 * base"], uri=mlflow_store)
+    assert run(["pipeline", str(job)]) == 0
+    client = connect(mlflow_store)
     assert current_alias(client, "pipe", CANDIDATE) == "1"
     assert current_alias(client, "pipe", PRODUCTION) == "1"
     captured = capsys.readouterr()

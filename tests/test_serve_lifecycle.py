@@ -20,6 +20,7 @@ def answer(client, model, max_tokens=24):
     )
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
 def test_promotion_and_rollback_switch_while_requests_in_flight_finish_on_the_old_version(store):
     v1 = store.publish("promo-model", seed=0, alias="production")
     v2 = store.publish("promo-model", seed=1)
