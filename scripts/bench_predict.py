@@ -1,7 +1,8 @@
 """Batch inference benchmark: `tuneops predict` (the gateway's batching engine, no HTTP) against a loop of
 single `generate` calls, on a registered LoRA version of SmolLM2-135M-Instruct.
 
-The adapter is zero-initialised (as in bench_serve.py), so both paths answer greedily with the same text.
+The version is a LoRA with small random weights (bench_serve.py registers it); the engine runs it merged into
+the weights and the generate loop through peft, so a few greedy answers may differ by rounding (counted).
 Reported per target: rows, generated tokens, seconds, rows/s, tokens/s, and how many rows answer exactly as
 the generate loop does. Run it on a quiet machine; the figures belong in docs/benchmarks.md.
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-from bench_serve import MODEL_NAME, QUESTIONS, register_version  # noqa: E402 (scripts/ is on sys.path)
+from bench_serve import MODEL_NAME, QUESTIONS, register_versions  # noqa: E402 (scripts/ is on sys.path)
 
 
 def write_input(path: Path, rows: int) -> list[dict]:
@@ -101,7 +102,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         work = Path(tmp)
-        uri = register_version(work)
+        uri = register_versions(work)
         source = work / "questions.jsonl"
         items = write_input(source, args.rows)
         baseline, reference = generate_loop(uri, items, args.max_tokens, args.dtype, work)
