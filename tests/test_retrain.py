@@ -106,7 +106,10 @@ def write_job(tmp_path: Path, tiny_base: Path) -> Path:
     return path
 
 
-def test_monitor_failure_retrains_on_rated_traffic_and_gates_version_2_against_version_1(tmp_path, tiny_base, capsys):
+def test_monitor_failure_retrains_on_rated_traffic_and_gates_version_2_against_version_1(
+    tmp_path, tiny_base, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the SQLite store's artifacts land in ./mlruns
     job = write_job(tmp_path, tiny_base)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert run(["pipeline", str(job)]) == 0
