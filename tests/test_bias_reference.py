@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# 50k tokens through the real model: ~3 min on one quiet core, several times that on a busy machine
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(2400)]
 
 HARNESS_PCT_STEREOTYPE = 0.5557
 HARNESS_LIKELIHOOD_DIFF = 4.6007
