@@ -15,7 +15,7 @@ import torch
 
 from core.device import dtype_name
 from core.schema.job import JobConfig
-from finetune.attention import use_packed_attention
+from finetune.attention import PACKED, use_packed_attention
 from finetune.batching import TokenBudgetSampler
 from finetune.prepare import Tokenized
 
@@ -138,7 +138,9 @@ def _fused_loss(model: Any, forward: dict[str, Any], keep: torch.Tensor, targets
     """Summed loss at `keep` from the last hidden states and the head's weight, the logits never materialised."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.model(**forward, use_cache=False).last_hidden_state[0, keep]
-    return _fused_cross_entropy()(base.lm_head.weight, hidden, targets)
+    out = _fused_cross_entropy()(base.lm_head.weight, hidden, targets)
+    loss = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)  # newer Liger may return (loss, extras)
+    return loss.float()
 
 
 def trained_logits_loss(model: Any, inputs: dict[str, Any], num_items: Any = None) -> tuple[torch.Tensor, Any]:
@@ -214,8 +216,11 @@ def make_trainer(
     args = training_arguments(cfg, output_dir, device, dtype, has_eval=bool(validation))
     if cfg.training.early_stopping_patience is not None and validation:
         callbacks = [*callbacks, EarlyStoppingCallback(cfg.training.early_stopping_patience)]
+    data_collator = collator(cfg, tokenizer)
     if cfg.training.packing:
-        use_packed_attention(model, device, dtype)
+        if use_packed_attention(model, device, dtype).startswith(PACKED):
+            # The example boundaries travel with the batch, read once per forward instead of once per layer.
+            data_collator.return_flash_attn_kwargs = True
         if fused_loss_applies(model, device):
             log.info("loss: fused linear + cross-entropy (Liger); no logits materialised")
     trainer_class = _trainer_class() if cfg.training.packing else Trainer
@@ -224,7 +229,7 @@ def make_trainer(
         args=args,
         train_dataset=to_dataset(train),
         eval_dataset=to_dataset(validation) if validation else None,
-        data_collator=collator(cfg, tokenizer),
+        data_collator=data_collator,
         processing_class=tokenizer,
         callbacks=callbacks,
     )

@@ -31,13 +31,14 @@ def _rows(tok, pairs):
     return rows
 
 
-def _packed(rows, device="cpu"):
+def _packed(rows, device="cpu", boundaries=False):
+    """One packed row as the recipe's collator makes it; `boundaries`: with cu_seq_lens as make_trainer asks."""
     from transformers import DataCollatorWithFlattening
 
-    batch = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(
-        [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
-    )
-    return {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+    batch = DataCollatorWithFlattening(
+        return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=boundaries
+    )([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
+    return {k: v if isinstance(v, int) else torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
 def _example_losses(model, rows, batch, **extra) -> list[torch.Tensor]:
@@ -67,10 +68,12 @@ def test_each_example_in_a_packed_row_has_its_loss_alone(tiny_base, implementati
     with torch.no_grad():
         alone = [_example_losses(model, [r], _packed([r]))[0] for r in rows]
         packed = _example_losses(model, rows, batch)
+        with_boundaries = _example_losses(model, rows, _packed(rows, boundaries=True))
         # Plain causal attention over the same row: SDPA given an all-ones mask sees one sequence.
         model.set_attn_implementation("sdpa")
         leaked = _example_losses(model, rows, batch, attention_mask=torch.ones_like(batch["input_ids"]))
     torch.testing.assert_close(torch.stack(packed), torch.stack(alone), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(with_boundaries), torch.stack(alone), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(leaked[0], alone[0], rtol=1e-5, atol=1e-5)  # the first sees nothing before it
     for i in (1, 2):
         assert abs(float(leaked[i] - alone[i])) > 1e-4, f"example {i}: a leak would change its loss"
@@ -203,7 +206,9 @@ def test_each_example_in_a_packed_row_has_its_loss_alone_on_cuda(tiny_base):
     with torch.no_grad():
         alone = [_example_losses(model, [r], _packed([r], "cuda"))[0] for r in rows]
         packed = _example_losses(model, rows, _packed(rows, "cuda"))
+        with_boundaries = _example_losses(model, rows, _packed(rows, "cuda", boundaries=True))
     torch.testing.assert_close(torch.stack(packed), torch.stack(alone), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(torch.stack(with_boundaries), torch.stack(alone), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
