@@ -175,6 +175,11 @@ def test_monitor_judges_traffic_logs_a_run_and_exits_1_on_a_failed_check(make_ve
     assert "v1.bias_sentiment_gap.base" in monitoring.data.metrics
     artifacts = Path(monitoring.info.artifact_uri.removeprefix("file://"))
     assert set(json.loads((artifacts / "monitoring/traces.json").read_text())["trace_ids"]) == set(ids)
+    traffic = client.get_experiment_by_name("traffic/tiny").experiment_id
+    linked = client.search_traces(
+        locations=[traffic, monitoring.info.experiment_id], run_id=monitoring.info.run_id, include_spans=False
+    )
+    assert {t.info.trace_id for t in linked} == set(ids)  # the run's page lists the traffic it judged
     report = (artifacts / "monitoring/report.html").read_text()
     assert "tiny: fail" in report and "error_rate &lt;= 0.05" in report and "data:image/png;base64" in report
 

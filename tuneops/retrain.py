@@ -200,6 +200,9 @@ def _log_datasets(client: MlflowClient, run_id: str, exp: str, training: Trainin
         )
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
     client.log_dict(run_id, {"trace_ids": training.trace_ids}, TRACES_ARTIFACT)
+    from evaluate.monitoring.report import link_traces
+
+    link_traces(client, training.trace_ids, run_id)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ REPORT_ARTIFACT = "monitoring/report.html"
 TRACES_ARTIFACT = "monitoring/traces.json"
 CHECKS_ARTIFACT = "monitoring/checks.json"
 _COLOURS = {PASS: "#2e7d32", FAIL: "#c62828"}
+log = logging.getLogger(__name__)
 
 
 def _histograms(title: str, series: dict[str, list[float]], xlabel: str) -> Figure:
@@ -151,6 +153,17 @@ def _metric_batch(result: MonitoringResult) -> list[Any]:
     return out
 
 
+def link_traces(client: MlflowClient, trace_ids: list[str], run_id: str) -> None:
+    """Link the traces to the run, so the run's page in the MLflow UI lists the traffic it judged."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        for start in range(0, len(trace_ids), 100):  # MLflow links at most 100 per call
+            client.link_traces_to_run(trace_ids[start : start + 100], run_id)
+    except (MlflowException, NotImplementedError) as exc:  # a store without links: traces.json still names them
+        log.warning("could not link the traces to run %s: %s", run_id, exc)
+
+
 def log_monitoring_run(client: MlflowClient, result: MonitoringResult, cfg: MonitoringConfig) -> tuple[str, str]:
     """Create and finish the monitoring run; returns (run id, experiment id)."""
     import pandas as pd
@@ -197,6 +210,7 @@ def log_monitoring_run(client: MlflowClient, result: MonitoringResult, cfg: Moni
         if probes:
             client.log_table(run_id, data=pd.DataFrame(probes), artifact_file="tables/live_bias_probes.json")
         client.log_text(run_id, render_html(result, charts), REPORT_ARTIFACT)
+        link_traces(client, result.trace_ids, run_id)
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise
