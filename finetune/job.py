@@ -259,7 +259,8 @@ def run_job(
         )
         log.info("training on %d process(es)", trainer.args.world_size)
         if main:
-            mlflow.set_tag("tuneops.world_size", str(trainer.args.world_size))
+            attention = getattr(trainer, "attention", "n/a")  # what make_trainer chose
+            mlflow.set_tags({"tuneops.world_size": str(trainer.args.world_size), "tuneops.attention": attention})
         result = trainer.train(resume_from_checkpoint=True if resume else None)
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
         if checked.data.validation:

@@ -217,8 +217,10 @@ def make_trainer(
     if cfg.training.early_stopping_patience is not None and validation:
         callbacks = [*callbacks, EarlyStoppingCallback(cfg.training.early_stopping_patience)]
     data_collator = collator(cfg, tokenizer)
+    attention = "not packed: the model's own attention over padded batches"
     if cfg.training.packing:
-        if use_packed_attention(model, device, dtype).startswith(PACKED):
+        attention = use_packed_attention(model, device, dtype)
+        if attention.startswith(PACKED):
             # The example boundaries travel with the batch, read once per forward instead of once per layer.
             data_collator.return_flash_attn_kwargs = True
         if fused_loss_applies(model, device):
@@ -236,4 +238,5 @@ def make_trainer(
     trainer.remove_callback(PrinterCallback)
     if cfg.training.packing:
         trainer.tokens_per_batch = cfg.training.tokens_per_batch
+    trainer.attention = attention  # what attention runs, for the run's tags
     return trainer

@@ -128,6 +128,8 @@ def test_token_budget_job_counts_an_optimizer_step_per_row_and_logs_the_attentio
     steps = [step for step, _ in losses(connect(mlflow_store), result.run_id)]
     assert max(steps) == len(rows) < len(checked.data.train) / 2
     assert "attention: tuneops_packed" in caplog.text
+    tag = connect(mlflow_store).get_run(result.run_id).data.tags["tuneops.attention"]
+    assert tag.startswith("tuneops_packed: ")
 
 
 def test_interrupted_run_is_marked_and_resume_continues_it_exactly(tmp_path, tiny_base, mlflow_store, monkeypatch):
