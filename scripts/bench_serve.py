@@ -364,6 +364,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def settle(max_load: float, timeout: float = 180.0) -> None:
+    """Wait until the 1-minute load average (raised by the previous target's own run) is back under
+    `max_load`, or `timeout` passed; the load is recorded with the run either way."""
+    deadline = time.monotonic() + timeout
+    time.sleep(3)
+    while os.getloadavg()[0] > max_load and time.monotonic() < deadline:
+        time.sleep(5)
+
+
 def ratios(rows: list[dict], max_load: float) -> str:
     """gateway / hf-serve at each client level, and mixed / gateway; withheld when a run had foreign load."""
     by = {(r["target"], r["clients"]): r for r in rows}
@@ -431,7 +440,7 @@ def main() -> None:
             wait_http(f"http://127.0.0.1:{port}{ready}", proc)
             for c in levels:
                 n = requests_for(c)
-                time.sleep(3)  # let the load average settle after the start
+                settle(args.max_load)
                 res = asyncio.run(load(f"http://127.0.0.1:{port}/v1", models, target, c, n, args.max_tokens))
                 rows.append(res.row())
                 print(table([rows[-1]]).splitlines()[-1], flush=True)

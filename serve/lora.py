@@ -14,6 +14,7 @@ on linear layers is served (what tuneops trains). Anything else is refused on lo
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from torch import nn
 from core.errors import ModelError
 
 PREFIX = "base_model.model."
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,6 +130,21 @@ class _Correction:
     bias: torch.Tensor | None
 
 
+@dataclass
+class _Stacked:
+    """Every corrected version's factors on one module side by side: `a` `[R, in]`, `bt` `[R, out]`.
+
+    Column j of the low-rank product belongs to version `layout`-wise: the first `layout[0]` columns to the first
+    corrected version, and so on. A row keeps only its own version's columns (a 0/1 mask), so one pair of
+    matmuls serves every version in the batch, without gathering rows.
+    """
+
+    a: torch.Tensor
+    bt: torch.Tensor
+    layout: tuple[int, ...]
+    bias: torch.Tensor | None  # `[versions, out]`, or None when no version changes the bias
+
+
 class LoraSet:
     """The adapters loaded on one base model, one of them merged, the others corrected per row.
 
@@ -142,7 +160,13 @@ class LoraSet:
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._corrections: dict[tuple[str, str | None], dict[str, _Correction]] = {}
-        self._groups: list[tuple[torch.Tensor, dict[str, _Correction]]] = []
+        self._stacks: dict[tuple[tuple[str, ...], str | None], dict[str, _Stacked]] = {}
+        self._step: dict[str, _Stacked] = {}  # this forward pass's corrections by module; empty: none
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # this pass's row/column masks by layout
+        self._onehot: torch.Tensor | None = None  # `[rows, versions]`: which corrected version each row is
+        # Versions with non-finite weights are corrected on their own rows only (gathered, then added back):
+        # in the stacked product a NaN factor would reach every row (0 * NaN is NaN).
+        self._isolated: list[tuple[torch.Tensor, dict[str, _Correction]]] = []
         self._targets: set[str] = set()  # modules some adapter changes
         self._hooks: dict[str, Any] = {}  # installed only while a step has corrected rows: a hook slows every call
         self._streak: tuple[str | None, int] = (None, 0)
@@ -171,6 +195,7 @@ class LoraSet:
         if not finite:  # merged, it would break every version's rows; corrected, only its own
             self.unmergeable.add(name)
         self._corrections.clear()
+        self._stacks.clear()
         if self.merged is None and finite:
             self.merge(name)
 
@@ -178,6 +203,7 @@ class LoraSet:
         self.adapters.pop(name, None)
         self.unmergeable.discard(name)
         self._corrections.clear()
+        self._stacks.clear()
         if self.merged == name:
             self.merge(next((a for a in self.adapters if a not in self.unmergeable), None))
 
@@ -196,8 +222,11 @@ class LoraSet:
             linear.weight.copy_(w)
             if bias is not None and linear.bias is not None:
                 linear.bias.copy_(delta.bias if delta is not None and delta.bias is not None else bias)
+        if name != self.merged:
+            log.info("merged into the weights: %s (was %s)", name, self.merged)
         self.merged = name
         self._corrections.clear()
+        self._stacks.clear()
         self.merge_switches += 1
 
     # per-step plan --------------------------------------------------------------------------------
@@ -217,18 +246,57 @@ class LoraSet:
                 self.merge(only)
         elif count:
             self._streak = (None, 0)
-        self._groups = []
+        self.clear()
         if names == {self.merged}:
             self._unhook()
             return
         self._hook_all()
-        device = next(self.model.parameters()).device
-        for name in sorted(names - {self.merged}):
-            rows = torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device)
-            self._groups.append((rows, self._correction(name)))
+        param = next(self.model.parameters())
+        for name in sorted(names & self.unmergeable):
+            rows = torch.tensor([i for i, a in enumerate(adapters) if a == name], device=param.device)
+            self._isolated.append((rows, self._correction(name)))
+        corrected = tuple(sorted(names - {self.merged} - self.unmergeable))
+        if not corrected:
+            return
+        self._step = self._stacked(corrected)
+        index = {name: i for i, name in enumerate(corrected)}
+        which = torch.tensor([index.get(a, -1) for a in adapters], device=param.device)
+        self._onehot = (which[:, None] == torch.arange(len(corrected), device=param.device)).to(param.dtype)
+        for stacked in self._step.values():
+            if stacked.layout not in self._masks:
+                cols = torch.repeat_interleave(
+                    torch.arange(len(corrected), device=param.device),
+                    torch.tensor(stacked.layout, device=param.device),
+                )
+                self._masks[stacked.layout] = (which[:, None] == cols[None, :]).to(param.dtype)
 
     def clear(self) -> None:
-        self._groups = []
+        self._isolated = []
+        self._step = {}
+        self._masks = {}
+        self._onehot = None
+
+    def _stacked(self, corrected: tuple[str, ...]) -> dict[str, _Stacked]:
+        key = (corrected, self.merged)
+        if key not in self._stacks:
+            per_version = [self._correction(name) for name in corrected]
+            modules = set().union(*per_version)
+            out: dict[str, _Stacked] = {}
+            for module in modules:
+                fixes = [c.get(module) for c in per_version]
+                some = next(f for f in fixes if f is not None)
+                empty_a = some.a.new_zeros(0, some.a.shape[1])
+                empty_b = some.b.new_zeros(some.b.shape[0], 0)
+                a = torch.cat([f.a if f is not None else empty_a for f in fixes], 0)
+                b = torch.cat([f.b if f is not None else empty_b for f in fixes], 1)
+                layout = tuple(f.a.shape[0] if f is not None else 0 for f in fixes)
+                bias = None
+                if any(f is not None and f.bias is not None for f in fixes):
+                    zero = some.b.new_zeros(some.b.shape[0])
+                    bias = torch.stack([f.bias if f is not None and f.bias is not None else zero for f in fixes])
+                out[module] = _Stacked(a.contiguous(), b.T.contiguous(), layout, bias)
+            self._stacks[key] = out
+        return self._stacks[key]
 
     def _hook_all(self) -> None:
         for module in self._targets - set(self._hooks):
@@ -262,22 +330,25 @@ class LoraSet:
 
     def _hook(self, module: str) -> Any:
         def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-            if not self._groups:
-                return None
             x = args[0]
-            for rows, corrections in self._groups:
+            for picked, corrections in self._isolated:
                 fix = corrections.get(module)
-                if fix is None:
-                    continue
-                if fix.a.shape[0]:
-                    delta = (x.index_select(0, rows) @ fix.a.T) @ fix.b.T
-                    if fix.bias is not None:
-                        delta = delta + fix.bias
-                elif fix.bias is not None:
-                    delta = fix.bias.expand(len(rows), *output.shape[1:])
-                else:
-                    continue
-                output = output.index_add(0, rows, delta.to(output.dtype))
+                if fix is not None and fix.a.shape[0]:
+                    delta = (x.index_select(0, picked) @ fix.a.T) @ fix.b.T
+                    output = output.index_add(0, picked, delta.to(output.dtype))
+            stacked = self._step.get(module)
+            if stacked is None:
+                return output
+            rows, out_features = output.shape[0], output.shape[-1]
+            flat = output.reshape(-1, out_features)  # a view: the linear's output is contiguous
+            if stacked.a.shape[0]:
+                low = x @ stacked.a.T  # [rows, (seq,) R]
+                mask = self._masks[stacked.layout]
+                low = low * (mask if low.dim() == 2 else mask.unsqueeze(1))
+                flat.addmm_(low.reshape(-1, low.shape[-1]), stacked.bt)
+            if stacked.bias is not None and self._onehot is not None:
+                shift = self._onehot @ stacked.bias  # [rows, out]
+                output += shift if output.dim() == 2 else shift.view(rows, *([1] * (output.dim() - 2)), out_features)
             return output
 
         return hook
