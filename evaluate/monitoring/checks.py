@@ -9,12 +9,11 @@ failed: it is reported with the reason (too little traffic, content not captured
 
 from __future__ import annotations
 
-import operator
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.errors import ConfigError
+from evaluate.gates import _NUM, _OPS  # one comparison grammar for gates and checks
 
 PASS, FAIL, NO_DATA = "PASS", "FAIL", "NO DATA"
 
@@ -34,13 +33,6 @@ KNOWN_METRICS: dict[str, tuple[str, str]] = {
     "bad_feedback_share": ("feedback", "share of ratings that are bad (normalised rating below 0.5)"),
 }
 BOUNDS = ("lower", "upper")
-_OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge,
-    "<=": operator.le,
-    ">": operator.gt,
-    "<": operator.lt,
-}
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _CHECK = re.compile(r"^\s*(?P<metric>[A-Za-z_]\w*)(?:\.(?P<bound>[a-z]+))?\s*(?P<op>>=|<=|>|<)\s*(?P<rhs>.+?)\s*$")
 _RHS = re.compile(rf"^(?:(?P<scale>{_NUM})\s*\*\s*)?(?P<ref>[A-Za-z_]\w*)(?:\s*(?P<sign>[-+])\s*(?P<offset>{_NUM}))?$")
 
