@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -22,15 +23,18 @@ import yaml
 
 from core.config import config_hash, flatten, resolved_dict
 from core.device import choose_device, choose_dtype, dtype_name
-from core.errors import ConfigError
+from core.errors import ConfigError, ModelError, RegistryError
 from core.models import BaseModelRef, load_causal_lm, load_tokenizer, resolve_base_model
 from core.registry import Manifest, connect, git_commit, library_versions
 from core.schema.job import JobConfig
+from core.version import OpenedVersion, open_version
 from finetune.prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
 RUN_FILE = "tuneops-run.json"  # in output_dir/<job name>/: the job's last run, for --resume
 PARAM_LIMIT = 6000
+INIT_FROM_TAG = "tuneops.init_from"  # NAME/VERSION of the version a warm-started run continued
+INIT_FROM_RUN_TAG = "tuneops.init_from_run"  # the run that trained it: lineage that outlives the version
 
 
 @dataclass
@@ -55,16 +59,71 @@ class StopRun(Exception):
 
 
 @dataclass
+class WarmStart:
+    """The registered version `lora.init_from` names, downloaded into `folder` for as long as this object lives."""
+
+    version: OpenedVersion
+    folder: tempfile.TemporaryDirectory[str]
+
+    @property
+    def label(self) -> str:
+        return self.version.label
+
+    def tags(self) -> dict[str, str]:
+        """Lineage on the run and the registered version: where the starting weights came from."""
+        ref = self.version.ref
+        return {INIT_FROM_TAG: self.label, INIT_FROM_RUN_TAG: ref.run_id if ref is not None else ""}
+
+
+@dataclass
 class Checked:
     """What validation found, reused by the job so nothing is resolved twice."""
 
     base: BaseModelRef
     tokenizer: Any
     data: Prepared
+    init: WarmStart | None = None
+
+
+def warm_start(cfg: JobConfig, base: BaseModelRef) -> WarmStart | None:
+    """Resolve and download `lora.init_from` in the job's tracking store and check it fits the job.
+
+    The version must be of the same base weights and its adapter of the job's LoRA shape
+    (`finetune.recipe.warm_start_problems`); an alias is resolved once, here, so the run records the version it
+    really started from.
+    """
+    from finetune.recipe import skeleton, warm_start_problems
+
+    ref = cfg.lora.init_from
+    if ref is None:
+        return None
+    client = connect(cfg.tracking.tracking_uri)
+    folder = tempfile.TemporaryDirectory(prefix="tuneops-init-from-")
+    try:
+        version = open_version(client, ref, Path(folder.name))
+    except RegistryError as exc:
+        folder.cleanup()
+        raise ConfigError([f"lora.init_from: cannot start from '{ref}': {exc}"]) from None
+    try:
+        version.check_base(base)
+    except ModelError as exc:
+        folder.cleanup()
+        raise ConfigError([f"lora.init_from: {exc}; model.base must be the base model {ref} was trained on"]) from None
+    try:
+        adapter = json.loads((version.adapter_path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        folder.cleanup()
+        raise ConfigError([f"lora.init_from: {version.label} has no readable adapter_config.json"]) from None
+    problems = warm_start_problems(cfg, adapter, skeleton(base, cfg.model.trust_remote_code), version.label)
+    if problems:
+        folder.cleanup()
+        raise ConfigError(problems)
+    return WarmStart(version, folder)
 
 
 def check(cfg: JobConfig) -> Checked:
-    """Resolve the base model, prepare the data, and check the output folder, without loading weights."""
+    """Resolve the base model and `lora.init_from`, prepare the data, and check the output folder, without
+    loading weights."""
     out = cfg.training.output_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -74,9 +133,10 @@ def check(cfg: JobConfig) -> Checked:
     except OSError as exc:
         raise ConfigError([f"training.output_dir: {out} is not writable ({exc.strerror})"]) from None
     base = resolve_base_model(cfg.model.base, cfg.model.revision)
+    init = warm_start(cfg, base)
     tokenizer = load_tokenizer(base)
     data = prepare(cfg.data, tokenizer)
-    return Checked(base, tokenizer, data)
+    return Checked(base, tokenizer, data, init)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -177,6 +237,7 @@ def _log_inputs(cfg: JobConfig, job_name: str, checked: Checked) -> None:
             "tuneops.config_hash": config_hash(cfg),
             "tuneops.base_model": checked.base.name,
             "tuneops.base_digest": checked.base.digest,
+            **(checked.init.tags() if checked.init else {}),
         }
     )
     mlflow.log_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False), "config/resolved.yaml")
@@ -197,6 +258,18 @@ def _log_inputs(cfg: JobConfig, job_name: str, checked: Checked) -> None:
             warnings.filterwarnings("ignore", message="Starting with pandas version 4.0", category=DeprecationWarning)
             dataset = from_pandas(frame, source=source, name=f"{job_name}-{split}")
         mlflow.log_input(dataset, context=split)
+
+
+def _lineage(client: Any, run_id: str, checked: Checked, resume: bool) -> dict[str, str]:
+    """The warm start's tags for the registered version; a resumed run keeps those it recorded when it began, as
+    its checkpoints continue that version even if the alias has moved since."""
+    if checked.init is None:
+        return {}
+    tags = checked.init.tags()
+    if resume:
+        recorded = client.get_run(run_id).data.tags
+        tags = {key: recorded.get(key, value) for key, value in tags.items()}
+    return tags
 
 
 def run_job(
@@ -242,7 +315,7 @@ def run_job(
 
         set_seed(cfg.training.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
         base = load_causal_lm(checked.base, device, dtype, cfg.model.quantization, cfg.model.trust_remote_code)
-        model = attach_lora(base, cfg)
+        model = attach_lora(base, cfg, checked.init.version if checked.init else None)
         trainable, total = model.get_nb_trainable_parameters()
         log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
         own = [Throughput(), Progress()] + ([MlflowMetrics(client, run_id)] if main else [])
@@ -287,6 +360,7 @@ def run_job(
                 tags = {
                     "tuneops.config_hash": manifest.config_hash,
                     "tuneops.base_model": manifest.base_model,
+                    **_lineage(client, run_id, checked, resume),
                     **cfg.registry.tags,
                 }
                 version = str(publish_version(bundle, cfg.registry.model_name, tags=tags).version)

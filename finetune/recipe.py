@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,12 +27,99 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
+    from core.models import BaseModelRef
+    from core.version import OpenedVersion
 
-def attach_lora(model: PreTrainedModel, cfg: JobConfig) -> PeftModel:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+def skeleton(base: BaseModelRef, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The base model's modules on the meta device: their names and types, without reading or allocating weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def lora_targets(model: torch.nn.Module, target_modules: str | list[str] | set[str]) -> set[str]:
+    """The full names of the layers a LoRA `target_modules` value adapts on `model`, by peft's rules.
+
+    `all-linear` is every linear layer but the output head; a list entry names a layer by its full name or a
+    dotted suffix of it (`q_proj`, `self_attn.q_proj`); any other string is a regular expression over full names.
+    Comparing these sets, not the spellings, is what tells whether two configs adapt the same layers.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            output_embeddings = getattr(model, "get_output_embeddings", None)
+            head = output_embeddings() if callable(output_embeddings) else None
+            linear = (torch.nn.Linear, Conv1D)
+            return {n for n, m in model.named_modules() if isinstance(m, linear) and m is not head}
+        return {n for n, _ in model.named_modules() if n and re.fullmatch(target_modules, n)}
+    wanted = set(target_modules)
+    return {n for n, _ in model.named_modules() if n and (n in wanted or any(n.endswith("." + t) for t in wanted))}
+
+
+def _layer_kinds(names: set[str]) -> str:
+    """`q_proj, v_proj` for a set of full layer names: what a reader compares."""
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+
+
+def warm_start_problems(cfg: JobConfig, adapter: dict[str, Any], model: torch.nn.Module, label: str) -> list[str]:
+    """Where the job's `lora` section disagrees with the adapter `lora.init_from` continues; each problem names
+    the field and both values. The shape (r, alpha, layers, biases) must match for the saved weights to load as
+    they are; dropout is not part of the weights, so the job's own applies.
+
+    `target_modules` compare by the layers they adapt on this base (`lora_targets`): the adapter records its
+    layers' full names, so a job's `all-linear` matches an adapter trained with `all-linear` or with an explicit
+    list of every linear layer but the output head, and a job's list matches when it names the same layers.
+    """
+    theirs = f"the adapter of {label} (lora.init_from)"
+    problems = []
+    if str(adapter.get("peft_type", "LORA")).upper() != "LORA":
+        return [f"lora.init_from: {label} holds a {adapter.get('peft_type')} adapter, not LoRA"]
+    for field, key in (("r", "r"), ("alpha", "lora_alpha"), ("bias", "bias")):
+        mine, saved = getattr(cfg.lora, field), adapter.get(key)
+        if mine != saved:
+            problems.append(
+                f"lora.{field}: this job sets {mine}, but {theirs} was trained with {saved}; "
+                f"set lora.{field} to {saved} to continue it"
+            )
+    saved_targets = adapter.get("target_modules") or []
+    have, want = lora_targets(model, saved_targets), lora_targets(model, cfg.lora.target_modules)
+    if have != want:
+        mine = cfg.lora.target_modules
+        spelt = mine if isinstance(mine, str) else "[" + ", ".join(mine) + "]"
+        hint = "all-linear" if have == lora_targets(model, "all-linear") else f"[{_layer_kinds(have)}]"
+        problems.append(
+            f"lora.target_modules: this job's {spelt} adapts {len(want)} layers ({_layer_kinds(want) or 'none'}), "
+            f"but {theirs} adapts {len(have)} ({_layer_kinds(have) or 'none'}); set lora.target_modules to {hint}"
+        )
+    return problems
+
+
+def attach_lora(model: PreTrainedModel, cfg: JobConfig, init: OpenedVersion | None = None) -> PeftModel:
+    """A fresh LoRA adapter on `model`, or with `init` (the version `lora.init_from` names, checked against the
+    job by `finetune.job.check`) that version's adapter, loaded trainable so training continues it."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.lora.init_from is not None and init is None:
+        raise ValueError(f"lora.init_from is {cfg.lora.init_from!r}: pass the version finetune.job.check opened")
     if cfg.model.quantization != "none":
         model = prepare_model_for_kbit_training(model, cfg.training.gradient_checkpointing)
+    if init is not None:
+        log.info("lora: starting from %s", init.label)
+        # The adapter's own config (its checked shape, and any option tuneops does not set), with the job's dropout.
+        saved = LoraConfig.from_pretrained(str(init.adapter_path))
+        saved.lora_dropout = cfg.lora.dropout
+        saved.task_type = "CAUSAL_LM"
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            return PeftModel.from_pretrained(
+                model, init.adapter_path, is_trainable=True, config=saved, autocast_adapter_dtype=True
+            )
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,

@@ -1,7 +1,8 @@
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from core.registry import REF
 from core.schema.base import Section
 
 
@@ -13,3 +14,21 @@ class LoraConfig(Section):
         "all-linear", description="`all-linear` or a list of module names such as [q_proj, v_proj]."
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    init_from: str | None = Field(
+        None,
+        description=(
+            "Continue training a registered version's adapter instead of a fresh one: `NAME` (its production "
+            "alias), `NAME@ALIAS` or `NAME/VERSION`, resolved in this job's tracking store when the job starts. "
+            "The version must be of the same base model, and r, alpha, target_modules and bias must match its "
+            "adapter (target_modules compare by the layers they adapt, so `all-linear` equals the list of every "
+            "linear layer but the output head)."
+        ),
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        # The registry's own grammar, so a reference that passes here is one resolve_version can look up.
+        if value is not None and not REF.match(value):
+            raise ValueError("not a version reference: write NAME, NAME@ALIAS or NAME/VERSION")
+        return value
