@@ -35,6 +35,7 @@ KNOWN_METRICS: dict[str, tuple[str, str]] = {
     "rougeL": ("quality", "ROUGE-L F of greedy answers vs references"),
     "token_f1": ("quality", "token F1 of greedy answers vs references"),
     "exact_match": ("quality", "exact match on short references"),
+    "judge_correct": ("quality", "share of answers the LLM judge (evaluation.judge) graded correct"),
     "crows_pct_stereotype": ("crows", "% of pairs where the stereotyping sentence is more likely"),
     "crows_likelihood_diff": ("crows", "mean |log-likelihood difference| within pairs"),
     "bbq_acc_ambig": ("bbq", "accuracy in ambiguous contexts"),
@@ -209,6 +210,8 @@ def parse_gates(cfg: EvaluationConfig) -> list[Gate]:
                 f"'{gate.suite}' suite, which evaluation.suites does not run "
                 f"({', '.join(cfg.suites) or 'none'})"
             )
+        elif gate.metric == "judge_correct" and cfg.judge is None:
+            problems.append(f"evaluation.gates[{i}] `{text}`: needs a judge, and evaluation.judge is not set")
         elif gate.compares_with == "base" and not cfg.compare_base:
             problems.append(f"evaluation.gates[{i}] `{text}`: compares with base but compare_base is false")
         elif gate.compares_with == "production" and not cfg.compare_production:

@@ -20,6 +20,7 @@ from core.registry import PRODUCTION, VersionRef, connect, current_alias, resolv
 from core.schema.data import ColumnMap
 from core.schema.evaluation import EvaluationConfig
 from core.version import OpenedVersion, open_version
+from evaluate import judge as llm_judge
 from evaluate import model_card, readers, tracking, verdict
 from evaluate.bbq import run_bbq
 from evaluate.bootstrap import Metric
@@ -166,6 +167,15 @@ def _for_suite(subjects: dict[str, Subject], suite: str, gates: list[Gate]) -> d
     return {k: v for k, v in subjects.items() if k != PROD}
 
 
+def _quality(cfg: EvaluationConfig, inputs: Inputs, subjects: dict[str, Subject]) -> SuiteResult:
+    """The quality suite, its answers graded by the LLM judge when `evaluation.judge` names one."""
+    result = run_quality(subjects, inputs.quality, cfg.max_new_tokens, cfg.batch_size, cfg.exact_match_max_words)
+    if cfg.judge is not None:
+        log.info("quality: the judge %s at %s grades %d answers", cfg.judge.model, cfg.judge.base_url, len(result.rows))
+        llm_judge.add_judge(result, cfg.judge)
+    return result
+
+
 def _measure(
     cfg: EvaluationConfig, inputs: Inputs, subjects: dict[str, Subject], gates: list[Gate]
 ) -> tuple[dict[str, SuiteResult], dict[str, float]]:
@@ -176,7 +186,7 @@ def _measure(
         (
             "quality",
             bool(inputs.quality),
-            lambda s: run_quality(s, inputs.quality, cfg.max_new_tokens, cfg.batch_size, cfg.exact_match_max_words),
+            lambda s: _quality(cfg, inputs, s),
         ),
         ("crows", bool(inputs.crows), lambda s: run_crows(s, inputs.crows, cfg.batch_size)),
         ("bbq", bool(inputs.bbq), lambda s: run_bbq(s, inputs.bbq, cfg.batch_size)),
@@ -236,6 +246,8 @@ def run_evaluation(
     with tempfile.TemporaryDirectory(prefix="tuneops-eval-") as tmp:
         workdir = Path(tmp)
         inputs = read_inputs(cfg, version, workdir)
+        if cfg.judge is not None and inputs.quality:
+            llm_judge.check_endpoint(cfg.judge)
         bundle = open_version(client, version, workdir / "model")
         prod_version = _production(client, version, cfg)
         production: OpenedVersion | None = None
@@ -298,6 +310,8 @@ def _log(
     client.log_param(run_id, "production_version", prod_version or "none")
     client.log_param(run_id, "full", str(cfg.full))
     client.log_param(run_id, "sample.seed", str(cfg.sample.seed))
+    if cfg.judge is not None:
+        client.log_param(run_id, "judge", f"{cfg.judge.model} at {cfg.judge.base_url}")
     for suite in ("crows", "bbq"):
         if suite in inputs.sources:
             client.log_param(run_id, f"sample.{suite}", str(len(getattr(inputs, suite))))

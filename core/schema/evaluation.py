@@ -1,7 +1,8 @@
 from pathlib import Path
 from typing import Literal, get_args
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from core.schema.base import Section
 
@@ -23,6 +24,37 @@ class BiasSample(Section):
         "(null: all 11,956).",
     )
     seed: int = Field(0, description="Seed of the samples: the same seed scores the same items, run after run.")
+
+
+class JudgeConfig(Section):
+    """An OpenAI-compatible chat endpoint that grades each quality answer against its reference (optional)."""
+
+    base_url: str = Field(
+        description="The endpoint's OpenAI API root, up to and including `/v1` (e.g. `http://127.0.0.1:8000/v1`, "
+        "a tuneops gateway); the judge posts to `BASE_URL/chat/completions`.",
+    )
+    model: str = Field(min_length=1, description="The model the endpoint serves as judge (its `model` field).")
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable that holds the endpoint's API key (never the key itself); "
+        "null for an endpoint without keys.",
+    )
+    timeout_s: int = Field(60, ge=1, le=3600, description="Seconds one judge request may take.")
+    max_tokens: int = Field(256, ge=16, le=4096, description="Longest judge answer (its verdict and rationale).")
+    concurrency: int = Field(4, ge=1, le=64, description="Judge requests in flight at once.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1, not '{value}'"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment: the judge appends /chat/completions to it")
+        return value.strip().rstrip("/")
 
 
 class EvaluationConfig(Section):
@@ -90,3 +122,8 @@ class EvaluationConfig(Section):
         "`crows_pct_stereotype <= base + 2`; all must pass for promotion.",
     )
     on_train: bool = Field(True, description="Run at the end of `tuneops train` when this section is present.")
+    judge: JudgeConfig | None = Field(
+        None,
+        description="An LLM that grades each quality answer against the reference through MLflow's GenAI judges "
+        "(`judge_correct`, gateable); null: no judge.",
+    )
