@@ -124,9 +124,13 @@ def check_endpoint(cfg: JudgeConfig) -> None:
 
 @contextmanager
 def _environment(cfg: JudgeConfig) -> Iterator[None]:
-    """MLflow's OpenAI provider insists on OPENAI_API_KEY (our header replaces it) and reads its request timeout
-    from MLFLOW_GATEWAY_ROUTE_TIMEOUT_SECONDS; both are set for the grading only and restored after."""
+    """Set for the grading only, restored after: MLflow's OpenAI provider insists on OPENAI_API_KEY (our header
+    replaces it), reads its request timeout from MLFLOW_GATEWAY_ROUTE_TIMEOUT_SECONDS, and would fetch OpenAI's
+    model catalog from github.com for context sizes and prices that mean nothing for a self-hosted judge (seconds of
+    retries offline) unless MLFLOW_MODEL_CATALOG_URI is empty or set by the user."""
     wanted = {"MLFLOW_GATEWAY_ROUTE_TIMEOUT_SECONDS": str(cfg.timeout_s)}
+    if "MLFLOW_MODEL_CATALOG_URI" not in os.environ:
+        wanted["MLFLOW_MODEL_CATALOG_URI"] = ""
     if not os.environ.get("OPENAI_API_KEY"):
         wanted["OPENAI_API_KEY"] = "unused"  # never sent: _headers overrides the authorization
     before = {name: os.environ.get(name) for name in wanted}

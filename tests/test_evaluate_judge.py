@@ -151,8 +151,8 @@ def test_a_missing_key_variable_is_named(monkeypatch):
 
 def test_a_refused_judge_request_stops_grading_instead_of_counting_as_unparsed(gateway):
     result = _quality_result(("model",))
-    with pytest.raises(judge.JudgeError, match=r"judge 'nope' at .* failed"):
-        judge.add_judge(result, _cfg(gateway.url + "/v1", model="nope"))
+    with pytest.raises(judge.JudgeError, match=r"judge 'tiny-model' at .* failed: .*'max_tokens' may be at most 256"):
+        judge.add_judge(result, _cfg(gateway.url + "/v1", max_tokens=1000))
     assert "judge_correct" not in result.metrics["model"]
 
 
