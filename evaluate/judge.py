@@ -171,7 +171,8 @@ def grade_one(judge: Judge, cfg: JudgeConfig, prompt: str, reference: str, answe
         return Grade(UNPARSED, f"judge reply without a result ({type(exc).__name__}: {exc})"[:500])
     except MlflowException as exc:
         if str(exc.message).startswith(_PARSE_FAILURE):
-            return Grade(UNPARSED, f"judge reply is not JSON: {str(exc.message)[len(_PARSE_FAILURE) :]}"[:500])
+            reply = str(exc.message)[len(_PARSE_FAILURE) :].removeprefix(". Response: ")
+            return Grade(UNPARSED, f"judge reply is not JSON: {reply}"[:500])
         raise JudgeError(f"judge '{cfg.model}' at {cfg.base_url} failed: {exc.message}") from None
     if not isinstance(feedback, Feedback):
         return Grade(UNPARSED, f"judge returned {type(feedback).__name__}, not one verdict"[:500])

@@ -40,7 +40,12 @@ class JudgeConfig(Section):
         description="Name of the environment variable that holds the endpoint's API key (never the key itself); "
         "null for an endpoint without keys.",
     )
-    timeout_s: int = Field(60, ge=1, le=3600, description="Seconds one judge request may take.")
+    timeout_s: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description="Seconds one judge request may take (MLflow retries a request that times out, with backoff).",
+    )
     max_tokens: int = Field(256, ge=16, le=4096, description="Longest judge answer (its verdict and rationale).")
     concurrency: int = Field(4, ge=1, le=64, description="Judge requests in flight at once.")
 
