@@ -92,7 +92,7 @@ def warm_start(cfg: JobConfig, base: BaseModelRef) -> WarmStart | None:
     (`finetune.recipe.warm_start_problems`); an alias is resolved once, here, so the run records the version it
     really started from.
     """
-    from finetune.recipe import skeleton, warm_start_problems
+    from finetune.recipe import saved_adapter_config, skeleton, warm_start_problems
 
     ref = cfg.lora.init_from
     if ref is None:
@@ -110,14 +110,14 @@ def warm_start(cfg: JobConfig, base: BaseModelRef) -> WarmStart | None:
         folder.cleanup()
         raise ConfigError([f"lora.init_from: {exc}; model.base must be the base model {ref} was trained on"]) from None
     try:
-        adapter = json.loads((version.adapter_path / "adapter_config.json").read_text())
-    except (OSError, ValueError):
+        problems = warm_start_problems(
+            cfg, saved_adapter_config(version), skeleton(base, cfg.model.trust_remote_code), version.label
+        )
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError:
         folder.cleanup()
-        raise ConfigError([f"lora.init_from: {version.label} has no readable adapter_config.json"]) from None
-    problems = warm_start_problems(cfg, adapter, skeleton(base, cfg.model.trust_remote_code), version.label)
-    if problems:
-        folder.cleanup()
-        raise ConfigError(problems)
+        raise
     return WarmStart(version, folder)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from core.device import dtype_name
+from core.errors import ConfigError
 from core.schema.job import JobConfig
 from finetune.attention import PACKED, use_packed_attention
 from finetune.batching import TokenBudgetSampler
@@ -98,6 +100,14 @@ def warm_start_problems(cfg: JobConfig, adapter: dict[str, Any], model: torch.nn
     return problems
 
 
+def saved_adapter_config(version: OpenedVersion) -> dict[str, Any]:
+    """The version's `adapter_config.json` as peft wrote it."""
+    try:
+        return dict(json.loads((version.adapter_path / "adapter_config.json").read_text()))
+    except (OSError, ValueError):
+        raise ConfigError([f"lora.init_from: {version.label} has no readable adapter_config.json"]) from None
+
+
 def attach_lora(model: PreTrainedModel, cfg: JobConfig, init: OpenedVersion | None = None) -> PeftModel:
     """A fresh LoRA adapter on `model`, or with `init` (the version `lora.init_from` names, checked against the
     job by `finetune.job.check`) that version's adapter, loaded trainable so training continues it."""
@@ -108,6 +118,10 @@ def attach_lora(model: PreTrainedModel, cfg: JobConfig, init: OpenedVersion | No
     if cfg.model.quantization != "none":
         model = prepare_model_for_kbit_training(model, cfg.training.gradient_checkpointing)
     if init is not None:
+        # Checked again on the loaded model: a sweep trial reuses one check but may vary the LoRA shape.
+        problems = warm_start_problems(cfg, saved_adapter_config(init), model, init.label)
+        if problems:
+            raise ConfigError(problems)
         log.info("lora: starting from %s", init.label)
         # The adapter's own config (its checked shape, and any option tuneops does not set), with the job's dropout.
         saved = LoraConfig.from_pretrained(str(init.adapter_path))

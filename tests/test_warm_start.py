@@ -163,3 +163,11 @@ def test_attach_lora_refuses_init_from_without_the_checked_version(tiny_base):
     cfg = JobConfig.model_validate({"lora": {"init_from": "tiny-model"}})
     with pytest.raises(ValueError, match=r"lora\.init_from is 'tiny-model'"):
         attach_lora(torch.nn.Linear(2, 2), cfg)  # type: ignore[arg-type]
+
+
+def test_a_reused_check_cannot_load_the_adapter_into_another_shape(tmp_path, tiny_base, store, old):
+    """A sweep checks once and varies keys per trial: the shape is checked again where the adapter loads."""
+    checked = check(job(tmp_path, tiny_base, store.uri, old.label))
+    trial = job(tmp_path, tiny_base, store.uri, old.label, experiment="reused", r=8, alpha=16)
+    with pytest.raises(ConfigError, match=r"lora\.r: this job sets 8, but the adapter of .* was trained with 4"):
+        run_job(trial, "trial", checked=checked)
