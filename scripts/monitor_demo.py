@@ -6,11 +6,13 @@
 3. Rates the answers over HTTP (`POST /v1/feedback`): most FAQ answers good, a few bad; the off-domain
    answers bad, each with a correction that says what the assistant is for.
 4. Stops the gateway (it writes the queued traces on the way out) and runs
-   `tuneops monitor MODEL --since 1h --config JOB --retrain JOB`: drift and feedback checks fail, so the next
-   version is trained on the job's data plus the rated answers, gated against production, and promoted when
-   its gates pass. Ends with `tuneops history MODEL`.
+   `tuneops monitor MODEL --since 1h --config JOB --retrain RETRAIN_JOB`: drift and feedback checks fail, so
+   the next version is trained on the job's data plus the rated answers (`configs/retrain.yaml`: a few steps
+   from production's adapter), gated against production, and promoted when its gates pass. Ends with
+   `tuneops history MODEL`.
 
-    python scripts/monitor_demo.py [--job configs/default.yaml] [--faq 24] [--other 16]
+    python scripts/monitor_demo.py [--job configs/default.yaml] [--retrain-job configs/retrain.yaml]
+                                   [--faq 24] [--other 16]
 """
 
 from __future__ import annotations
@@ -61,10 +63,14 @@ def faq_questions(n: int, seed: int) -> list[tuple[str, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument(
+        "--retrain-job", type=Path, default=ROOT / "configs" / "retrain.yaml", help="job the retrain runs"
+    )
     parser.add_argument("--faq", type=int, default=24, help="FAQ questions to ask")
     parser.add_argument("--other", type=int, default=16, help="off-domain questions to ask")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    begun = time.monotonic()
 
     import httpx
     from openai import OpenAI
@@ -129,11 +135,17 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             gateway.kill()
 
+    started = time.monotonic()
     code = tuneops(
-        "monitor", model, "--since", "1h", "--config", str(args.job), "--retrain", str(args.job), check=False
+        "monitor", model, "--since", "1h", "--config", str(args.job), "--retrain", str(args.retrain_job), check=False
     )
-    print(f"tuneops monitor exited {code} (1: a check failed, which is what triggered the retrain)", flush=True)
+    print(
+        f"tuneops monitor exited {code} after {time.monotonic() - started:.0f} s "
+        "(1: a check failed, which is what triggered the retrain)",
+        flush=True,
+    )
     tuneops("history", model)
+    print(f"monitor demo: {time.monotonic() - begun:.0f} s in all", flush=True)
     return 0
 
 

@@ -110,3 +110,16 @@ def test_config_hash_changes_with_any_value(tmp_path):
     a = config_hash(load_config(JobConfig, path))
     b = config_hash(load_config(JobConfig, path, ["lora.r=8"]))
     assert a != b
+
+
+def test_retrain_job_is_the_default_job_continued_from_production():
+    """configs/retrain.yaml may differ from the default job only where retraining should."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    default = load_config(JobConfig, root / "default.yaml").model_dump(mode="json")
+    retrain = load_config(JobConfig, root / "retrain.yaml").model_dump(mode="json")
+    assert retrain["lora"].pop("init_from") == "faq-assistant@production"
+    assert default["lora"].pop("init_from") is None
+    for key in ("output_dir", "max_steps", "learning_rate"):
+        default["training"].pop(key)
+        retrain["training"].pop(key)
+    assert retrain == default
