@@ -41,7 +41,17 @@ from core.errors import ConfigError, DataError
 from core.registry import ADAPTER_DIR, MANIFEST_FILE, connect, tracking_uri
 from core.schema.job import JobConfig
 from core.schema.sweep import Distribution, SweepConfig
-from finetune.job import RUN_FILE, Checked, JobResult, StopRun, check, job_dir, run_job
+from finetune.job import (
+    INIT_FROM_RUN_TAG,
+    INIT_FROM_TAG,
+    RUN_FILE,
+    Checked,
+    JobResult,
+    StopRun,
+    check,
+    job_dir,
+    run_job,
+)
 from tuneops.pipeline import PipelineResult, evaluate_version, evaluation_to_run, promote_version
 
 if TYPE_CHECKING:
@@ -696,6 +706,8 @@ def _register_best(s: _Study, best: TrialSummary) -> JobResult:
                 "tuneops.base_model": manifest.base_model,
                 "tuneops.sweep.study": s.study.study_name,
                 "tuneops.sweep.trial": str(best.number),
+                # a warm-started trial names the version it continued, as a plain job's version does
+                **{k: v for k, v in run.data.tags.items() if k in (INIT_FROM_TAG, INIT_FROM_RUN_TAG)},
                 **s.cfg.registry.tags,
             }
             with mlflow.start_run(run_id=best.run_id):
