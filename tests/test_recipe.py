@@ -221,3 +221,42 @@ def test_fused_loss_equals_the_trained_logits_loss_on_cuda(tiny_base):
     assert outputs is None
     reference = model(**batch, use_cache=False).loss
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_uncast_adapter_inputs_under_autocast_give_the_same_loss_and_gradients(tiny_base, dropout):
+    """The recipe skips peft's up-cast of each adapter's input under bf16 autocast: same numbers, fewer copies."""
+    from core.schema.job import JobConfig
+    from finetune.recipe import _adapter_inputs_uncast, attach_lora
+
+    tok = load_tokenizer(tiny_base)
+    cfg = JobConfig.model_validate({"model": {"base": str(tiny_base)}, "lora": {"dropout": dropout}})
+    model = attach_lora(load_causal_lm(tiny_base, torch.device("cpu"), torch.bfloat16), cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters a say in the output
+            torch.nn.init.normal_(p, std=0.05)
+    batch = _packed(_rows(tok, PAIRS))
+
+    def step(uncast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks both times
+        with _adapter_inputs_uncast(model, uncast), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
+
+    model.train()
+    loss_cast, grads_cast = step(False)
+    loss_uncast, grads_uncast = step(True)
+    assert grads_cast and all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+    if dropout == 0.0:
+        assert torch.equal(loss_cast, loss_uncast)
+        assert all(torch.equal(grads_cast[n], grads_uncast[n]) for n in grads_cast)
+    else:  # the dropout's scaling rounds in bf16 instead of fp32: equal up to bf16 precision
+        assert torch.allclose(loss_cast, loss_uncast, rtol=1e-2)
+        for n in grads_cast:
+            assert torch.allclose(grads_cast[n], grads_uncast[n], rtol=0.1, atol=1e-3), n
+    # Outside autocast the cast stays on: a bf16 input meets the fp32 adapter in fp32.
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch, use_cache=False).loss)
