@@ -35,11 +35,14 @@ demo: setup
 monitor-demo: setup
 	$(RUN) $(PY) scripts/monitor_demo.py
 
+# Two workers, one file each at a time; one torch thread per worker, so the two never fight over the cores.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
+
 test: setup
-	$(RUN) $(PY) -m pytest
+	$(RUN) $(PYTEST)
 
 test-fast: setup
-	$(RUN) $(PY) -m pytest -m "not integration"
+	$(RUN) $(PYTEST) -m "not integration"
 
 serve: setup
 	$(RUN) $(TUNEOPS) serve --config configs/serve.yaml
