@@ -28,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 		>/dev/null 2>&1) || true
 	touch $@
 
+# DEMO_ARGS: overrides for the default job, e.g. DEMO_ARGS=training.max_steps=20 on a CPU without fast bf16.
 demo: setup
-	$(RUN) $(TUNEOPS) pipeline configs/default.yaml
+	$(RUN) $(TUNEOPS) pipeline configs/default.yaml $(DEMO_ARGS)
 
 # Serve the promoted default, send it traffic, rate the answers, monitor, retrain and promote (README, Monitoring).
 monitor-demo: setup
