@@ -130,7 +130,6 @@ def test_serve_takes_configs_serve_yaml_by_default_and_model_names_as_arguments(
 
     served = []
     monkeypatch.setattr(serve.server, "serve", served.append)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "serve.yaml").write_text("models: [faq-assistant]\nport: 8123\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +32,6 @@ def serve(
 
     `tuneops serve faq-assistant` serves that model with every other setting from configs/serve.yaml.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if torch is not loaded yet
     from serve.server import serve as run_gateway
     from serve.settings import load_settings
 
