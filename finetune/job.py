@@ -100,23 +100,23 @@ def warm_start(cfg: JobConfig, base: BaseModelRef) -> WarmStart | None:
     client = connect(cfg.tracking.tracking_uri)
     folder = tempfile.TemporaryDirectory(prefix="tuneops-init-from-")
     try:
-        version = open_version(client, ref, Path(folder.name))
-    except RegistryError as exc:
-        folder.cleanup()
-        raise ConfigError([f"lora.init_from: cannot start from '{ref}': {exc}"]) from None
-    try:
-        version.check_base(base)
-    except ModelError as exc:
-        folder.cleanup()
-        raise ConfigError([f"lora.init_from: {exc}; model.base must be the base model {ref} was trained on"]) from None
-    try:
+        try:
+            version = open_version(client, ref, Path(folder.name))
+        except RegistryError as exc:
+            raise ConfigError([f"lora.init_from: cannot start from '{ref}': {exc}"]) from None
+        try:
+            version.check_base(base)
+        except ModelError as exc:
+            raise ConfigError(
+                [f"lora.init_from: {exc}; model.base must be the base model {ref} was trained on"]
+            ) from None
         problems = warm_start_problems(
             cfg, saved_adapter_config(version), skeleton(base, cfg.model.trust_remote_code), version.label
         )
         if problems:
             raise ConfigError(problems)
-    except ConfigError:
-        folder.cleanup()
+    except BaseException:
+        folder.cleanup()  # a refused version leaves nothing behind
         raise
     return WarmStart(version, folder)
 

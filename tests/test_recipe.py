@@ -246,6 +246,15 @@ def test_uncast_adapter_inputs_under_autocast_give_the_same_loss_and_gradients(t
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return loss.detach(), grads
 
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
+    with _adapter_inputs_uncast(model, True):
+        assert not any(m.cast_input_dtype_enabled for m in layers)  # the copies are really skipped
+    with _adapter_inputs_uncast(model, False):
+        assert all(m.cast_input_dtype_enabled for m in layers)  # fp32 training keeps peft's casts
+    assert all(m.cast_input_dtype_enabled for m in layers)
     model.train()
     loss_cast, grads_cast = step(False)
     loss_uncast, grads_uncast = step(True)
