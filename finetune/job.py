@@ -127,9 +127,9 @@ def check(cfg: JobConfig) -> Checked:
     out = cfg.training.output_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A file of its own, gone on close: every rank of a distributed job runs this check at once.
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as exc:
         raise ConfigError([f"training.output_dir: {out} is not writable ({exc.strerror})"]) from None
     base = resolve_base_model(cfg.model.base, cfg.model.revision)
