@@ -3,7 +3,9 @@
 One version usually takes most of the traffic. Its adapter is merged into the base weights, so its tokens cost
 what the bare base costs (peft's unmerged LoRA adds two small matmuls and Python dispatch to every linear layer
 of every step). Rows of other versions in the same batch get a low-rank correction on their rows only:
-`(B_v A_v - B_m A_m) x`, the version's own delta minus the merged one's, as two matmuls over stacked factors.
+`(B_v A_v - B_m A_m) x`, the version's own delta minus the merged one's, over stacked factors: one product
+`x A^T` per input that several layers read (q/k/v, gate/up), then `B` per layer, on CPUs inside the layer's own
+matmul (`[x, xA^T] @ [W | B]^T`), where a separate small product costs more in memory waits than in arithmetic.
 Which version is merged follows the traffic: after `switch_after` steps in a row with only another version's
 rows, that version is merged instead (from a pristine copy of the base weights, so switching never drifts).
 
@@ -16,12 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from core.errors import ModelError
 
@@ -131,28 +135,36 @@ class _Correction:
 
 
 @dataclass
-class _Stacked:
-    """Every corrected version's factors on one module side by side: `a` `[R, in]`, `bt` `[R, out]`.
+class _Group:
+    """The corrections of the modules that read one input (q/k/v, gate/up), every corrected version stacked.
 
-    Column j of the low-rank product belongs to version `layout`-wise: the first `layout[0]` columns to the first
-    corrected version, and so on. A row keeps only its own version's columns (a 0/1 mask), so one pair of
-    matmuls serves every version in the batch, without gathering rows.
+    One product `x @ at` gives every member's low-rank columns at once; a row keeps only its own version's
+    columns (a 0/1 mask by `cols`), so one product serves every version in the batch without gathering rows.
+    Member `m` owns columns `spans[m]` and turns them into its output with `bt[m]`, or, widened, in the same
+    matmul as its weights: `[x, low_m] @ wide[m].T` with `wide[m] = [W_m | B_m]`.
     """
 
-    a: torch.Tensor
-    bt: torch.Tensor
-    layout: tuple[int, ...]
-    bias: torch.Tensor | None  # `[versions, out]`, or None when no version changes the bias
+    at: torch.Tensor  # [in, R], contiguous
+    cols: torch.Tensor  # [R]: the corrected version each column belongs to
+    spans: dict[str, tuple[int, int]]
+    bt: dict[str, torch.Tensor]  # [R_m, out]
+    bias: dict[str, torch.Tensor]  # `[versions, out]`, only for members where some version changes the bias
+    wide: dict[str, torch.Tensor] = field(default_factory=dict)  # [out, in + R_m], when widened
 
 
 class LoraSet:
     """The adapters loaded on one base model, one of them merged, the others corrected per row.
 
     Call `plan(adapters)` with one adapter name per batch row before a forward pass; it returns after choosing
-    the merge, and the forward hooks add each row's correction.
+    the merge, and the adapted layers add each row's correction during that pass.
+
+    `widen` (default: on CPUs) computes each layer's correction inside its own matmul, on a copy of its weights
+    widened by the correction's columns. On CPUs a separate small product and add per layer cost ~150 us, most
+    of it waiting on memory, against ~40 us widened; the price is one copy of the adapted weights while two
+    versions share batches (at most two such copies are kept, for the last two version mixes).
     """
 
-    def __init__(self, model: nn.Module, switch_after: int = 32) -> None:
+    def __init__(self, model: nn.Module, switch_after: int = 32, widen: bool | None = None) -> None:
         self.model = model
         self.switch_after = switch_after
         self.adapters: dict[str, Adapter] = {}
@@ -160,18 +172,35 @@ class LoraSet:
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._corrections: dict[tuple[str, str | None], dict[str, _Correction]] = {}
-        self._stacks: dict[tuple[tuple[str, ...], str | None], dict[str, _Stacked]] = {}
-        self._step: dict[str, _Stacked] = {}  # this forward pass's corrections by module; empty: none
-        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # this pass's row/column masks by layout
+        self._stacks: OrderedDict[tuple[tuple[str, ...], str | None], dict[str, _Group]] = OrderedDict()
+        self._step: dict[str, _Group] = {}  # this forward pass's corrections by module; empty: none
+        self._masks: dict[int, torch.Tensor] = {}  # this pass's row/column masks by group id
+        self._lows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group id -> (input, masked product)
         self._onehot: torch.Tensor | None = None  # `[rows, versions]`: which corrected version each row is
+        self._widen = next(model.parameters()).device.type == "cpu" if widen is None else widen
+        self._groups: list[tuple[str, ...]] = []  # adapted modules by shared input, found by tracing the base
         # Versions with non-finite weights are corrected on their own rows only (gathered, then added back):
         # in the stacked product a NaN factor would reach every row (0 * NaN is NaN).
         self._isolated: list[tuple[torch.Tensor, dict[str, _Correction]]] = []
         self._targets: set[str] = set()  # modules some adapter changes
-        self._hooks: dict[str, Any] = {}  # installed only while a step has corrected rows: a hook slows every call
+        self._installed: set[str] = set()  # layers running the correcting forward: only while a step needs it
         self._streak: tuple[str | None, int] = (None, 0)
         self.unmergeable: set[str] = set()
         self.merge_switches = 0
+
+    @property
+    def widen(self) -> bool:
+        return self._widen
+
+    @widen.setter
+    def widen(self, value: bool) -> None:
+        self._widen = value
+        self._stacks.clear()
+
+    @property
+    def groups(self) -> list[tuple[str, ...]]:
+        """The adapted layers grouped by the input they read (q/k/v, gate/up): one low-rank product each."""
+        return list(self._groups)
 
     # loading --------------------------------------------------------------------------------------
 
@@ -188,6 +217,8 @@ class LoraSet:
                     None if bias is None else bias.to("cpu", copy=True),
                 )
                 self._targets.add(module)
+        if self._targets - {m for members in self._groups for m in members}:
+            self._groups = self._trace_groups()
         self.adapters[name] = adapter
         finite = all(
             bool(torch.isfinite(t).all()) for d in adapter.modules.values() for t in (d.a, d.b, d.bias) if t is not None
@@ -248,9 +279,9 @@ class LoraSet:
             self._streak = (None, 0)
         self.clear()
         if names == {self.merged}:
-            self._unhook()
+            self._uninstall()
             return
-        self._hook_all()
+        self._install()
         param = next(self.model.parameters())
         for name in sorted(names & self.unmergeable):
             rows = torch.tensor([i for i, a in enumerate(adapters) if a == name], device=param.device)
@@ -262,50 +293,118 @@ class LoraSet:
         index = {name: i for i, name in enumerate(corrected)}
         which = torch.tensor([index.get(a, -1) for a in adapters], device=param.device)
         self._onehot = (which[:, None] == torch.arange(len(corrected), device=param.device)).to(param.dtype)
-        for stacked in self._step.values():
-            if stacked.layout not in self._masks:
-                cols = torch.repeat_interleave(
-                    torch.arange(len(corrected), device=param.device),
-                    torch.tensor(stacked.layout, device=param.device),
-                )
-                self._masks[stacked.layout] = (which[:, None] == cols[None, :]).to(param.dtype)
+        for group in self._step.values():
+            if id(group) not in self._masks:
+                self._masks[id(group)] = (which[:, None] == group.cols[None, :]).to(param.dtype)
 
     def clear(self) -> None:
         self._isolated = []
         self._step = {}
         self._masks = {}
+        self._lows = {}
         self._onehot = None
 
-    def _stacked(self, corrected: tuple[str, ...]) -> dict[str, _Stacked]:
+    def _stacked(self, corrected: tuple[str, ...]) -> dict[str, _Group]:
         key = (corrected, self.merged)
         if key not in self._stacks:
             per_version = [self._correction(name) for name in corrected]
             modules = set().union(*per_version)
-            out: dict[str, _Stacked] = {}
-            for module in modules:
-                fixes = [c.get(module) for c in per_version]
-                some = next(f for f in fixes if f is not None)
-                empty_a = some.a.new_zeros(0, some.a.shape[1])
-                empty_b = some.b.new_zeros(some.b.shape[0], 0)
-                a = torch.cat([f.a if f is not None else empty_a for f in fixes], 0)
-                b = torch.cat([f.b if f is not None else empty_b for f in fixes], 1)
-                layout = tuple(f.a.shape[0] if f is not None else 0 for f in fixes)
-                bias = None
-                if any(f is not None and f.bias is not None for f in fixes):
-                    zero = some.b.new_zeros(some.b.shape[0])
-                    bias = torch.stack([f.bias if f is not None and f.bias is not None else zero for f in fixes])
-                out[module] = _Stacked(a.contiguous(), b.T.contiguous(), layout, bias)
+            out: dict[str, _Group] = {}
+            for members in self._groups:
+                present = [m for m in members if m in modules]
+                if present:
+                    group = self._group(present, per_version)
+                    out.update(dict.fromkeys(present, group))
             self._stacks[key] = out
+            while len(self._stacks) > (2 if self.widen else 16):  # widened groups hold a copy of the weights
+                self._stacks.popitem(last=False)
+        self._stacks.move_to_end(key)
         return self._stacks[key]
 
-    def _hook_all(self) -> None:
-        for module in self._targets - set(self._hooks):
-            self._hooks[module] = self._linears[module].register_forward_hook(self._hook(module))
+    def _group(self, members: list[str], per_version: list[dict[str, _Correction]]) -> _Group:
+        a_parts: list[torch.Tensor] = []
+        cols: list[int] = []
+        spans: dict[str, tuple[int, int]] = {}
+        bt: dict[str, torch.Tensor] = {}
+        bias: dict[str, torch.Tensor] = {}
+        for module in members:
+            fixes = [c.get(module) for c in per_version]
+            start = len(cols)
+            b_parts = []
+            for v, fix in enumerate(fixes):
+                if fix is not None and fix.a.shape[0]:
+                    a_parts.append(fix.a)
+                    b_parts.append(fix.b)
+                    cols += [v] * fix.a.shape[0]
+            spans[module] = (start, len(cols))
+            if b_parts:
+                bt[module] = torch.cat(b_parts, 1).T.contiguous()
+            if any(f is not None and f.bias is not None for f in fixes):
+                some = next(f for f in fixes if f is not None)
+                zero = some.b.new_zeros(some.b.shape[0])
+                bias[module] = torch.stack([f.bias if f is not None and f.bias is not None else zero for f in fixes])
+        weight = self._linears[members[0]].weight
+        at = torch.cat(a_parts, 0).T.contiguous() if a_parts else weight.new_zeros(weight.shape[1], 0)
+        group = _Group(at, torch.tensor(cols, device=weight.device, dtype=torch.long), spans, bt, bias)
+        if self.widen:
+            for module, factor in bt.items():
+                group.wide[module] = torch.cat([self._linears[module].weight.detach(), factor.T], 1)
+        return group
 
-    def _unhook(self) -> None:
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
+    @torch.no_grad()
+    def _trace_groups(self) -> list[tuple[str, ...]]:
+        """The adapted modules grouped by the input they read, from one short pass of the base.
+
+        A module that turns out to read another input than its group's at serving time still gets its own
+        product (`_low` compares the input itself), so a wrong grouping costs work, never correctness.
+        """
+        seen: list[tuple[torch.Tensor, list[str]]] = []
+
+        def record(name: str) -> Any:
+            def pre_hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+                for tensor, names in seen:
+                    if tensor is args[0]:
+                        names.append(name)
+                        return
+                seen.append((args[0], [name]))
+
+            return pre_hook
+
+        handles = [self._linears[m].register_forward_pre_hook(record(m)) for m in sorted(self._targets)]
+        device = next(self.model.parameters()).device
+        try:
+            self.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+        except Exception as exc:  # a model that cannot run a plain pass: every module on its own product
+            log.warning("cannot trace which adapted layers share an input (%s); correcting each alone", exc)
+            seen = [(torch.empty(0), [m]) for m in sorted(self._targets)]
+        finally:
+            for handle in handles:
+                handle.remove()
+        traced = [m for _, names in seen for m in names]
+        groups = [tuple(names) for _, names in seen]
+        return groups + [(m,) for m in sorted(self._targets - set(traced))]
+
+    def _low(self, group: _Group, x: torch.Tensor) -> torch.Tensor:
+        """The group's masked low-rank product for input `x`, `[tokens, R]`; computed once per input."""
+        hit = self._lows.get(id(group))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        low = x.reshape(-1, x.shape[-1]) @ group.at
+        mask = self._masks[id(group)]
+        low.view(x.shape[0], -1, low.shape[-1]).mul_(mask.unsqueeze(1))
+        self._lows[id(group)] = (x, low)
+        return low
+
+    def _install(self) -> None:
+        for module in self._targets - self._installed:
+            linear = self._linears[module]
+            linear.forward = self._correcting_forward(module, linear)  # type: ignore[method-assign]
+            self._installed.add(module)
+
+    def _uninstall(self) -> None:
+        for module in self._installed:
+            del self._linears[module].forward
+        self._installed.clear()
 
     def _correction(self, name: str) -> dict[str, _Correction]:
         key = (name, self.merged)
@@ -328,27 +427,30 @@ class LoraSet:
             self._corrections[key] = out
         return self._corrections[key]
 
-    def _hook(self, module: str) -> Any:
-        def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
-            x = args[0]
+    def _correcting_forward(self, module: str, linear: nn.Linear) -> Any:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            group = self._step.get(module)
+            first, last = group.spans[module] if group is not None else (0, 0)
+            wide = group.wide.get(module) if group is not None else None
+            if group is not None and wide is not None:
+                flat_x = x.reshape(-1, x.shape[-1])
+                low = self._low(group, x)[:, first:last]
+                output = F.linear(torch.cat([flat_x, low], -1), wide, linear.bias).view(*x.shape[:-1], -1)
+            else:
+                output = F.linear(x, linear.weight, linear.bias)
+                if group is not None and last > first:
+                    flat = output.view(-1, output.shape[-1])  # the linear's output is contiguous
+                    flat.addmm_(self._low(group, x)[:, first:last], group.bt[module])
             for picked, corrections in self._isolated:
                 fix = corrections.get(module)
                 if fix is not None and fix.a.shape[0]:
                     delta = (x.index_select(0, picked) @ fix.a.T) @ fix.b.T
                     output = output.index_add(0, picked, delta.to(output.dtype))
-            stacked = self._step.get(module)
-            if stacked is None:
-                return output
-            rows, out_features = output.shape[0], output.shape[-1]
-            flat = output.reshape(-1, out_features)  # a view: the linear's output is contiguous
-            if stacked.a.shape[0]:
-                low = x @ stacked.a.T  # [rows, (seq,) R]
-                mask = self._masks[stacked.layout]
-                low = low * (mask if low.dim() == 2 else mask.unsqueeze(1))
-                flat.addmm_(low.reshape(-1, low.shape[-1]), stacked.bt)
-            if stacked.bias is not None and self._onehot is not None:
-                shift = self._onehot @ stacked.bias  # [rows, out]
+            bias = group.bias.get(module) if group is not None else None
+            if bias is not None and self._onehot is not None:
+                rows, out_features = output.shape[0], output.shape[-1]
+                shift = self._onehot @ bias  # [rows, out]
                 output += shift if output.dim() == 2 else shift.view(rows, *([1] * (output.dim() - 2)), out_features)
             return output
 
-        return hook
+        return forward
