@@ -9,11 +9,14 @@ its own:
            (DataCollatorForSeq2Seq), bf16 where the CPU has it (core.device's choice), else fp32;
   recipe:  finetune.recipe: padding-free packing with packed attention, logits only at trained positions, the
            dtype core.device picks, jemalloc.
+  compiled: the recipe with `training.compile: true` (not run unless named in --arms: compiling takes minutes).
 
 Reported per arm: real (non-padding) tokens/s, peak resident memory, validation loss after training (the same
 packed evaluation for every arm), and the share of the machine's measured matmul rate in the arm's dtype that
-the useful work reaches (4 x parameters FLOP per real token: forward plus input gradients). The script first
-prints the CPU, its flags and the fp32 / bf16 matmul rates it measured.
+the useful work reaches (4 x parameters FLOP per real token: forward plus input gradients). Every arm sees the
+same micro-batches in the same order, so their optimizer steps after the first --warmup-steps (where compiling
+happens) compare one to one: their seconds are printed too. The script first prints the CPU, its flags and the
+fp32 / bf16 matmul rates it measured.
 
 The quiet measurement (nothing else running on the machine):
 
@@ -39,7 +42,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-ARMS = ("padded", "dynamic", "recipe")
+ARMS = ("padded", "dynamic", "recipe", "compiled")
+DEFAULT_ARMS = ("padded", "dynamic", "recipe")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
@@ -91,7 +95,7 @@ def build_trainer(arm: str, cfg: Any, checked: Any, train: list, out_dir: Path, 
     elif arm == "dynamic":
         dtype = choose_dtype("auto", device)
         padding = {"padding": "longest"}
-    else:
+    else:  # recipe, compiled (the config says compile)
         dtype = choose_dtype(cfg.model.dtype, device)
         model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
         return make_trainer(cfg, model, checked.tokenizer, train, [], out_dir, device, dtype, []), dtype
@@ -101,6 +105,25 @@ def build_trainer(arm: str, cfg: Any, checked: Any, train: list, out_dir: Path, 
     collator = DataCollatorForSeq2Seq(checked.tokenizer, label_pad_token_id=-100, **padding)
     trainer = Trainer(model=model, args=args, train_dataset=to_dataset(train), data_collator=collator)
     return trainer, dtype
+
+
+class StepClock:
+    """A TrainerCallback (duck-typed) that records each optimizer step's wall time."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._last = 0.0
+
+    def __getattr__(self, name: str) -> Any:  # every other callback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self._last = time.perf_counter()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._last)
 
 
 def run_arm(arm: str, config: Path, examples: int, validation: int, out_dir: Path, extra: list[str]) -> dict:
@@ -126,7 +149,8 @@ def run_arm(arm: str, config: Path, examples: int, validation: int, out_dir: Pat
             # 4 examples per micro-batch, 2 micro-batches per step: the padded arm at 8 x 512 needs ~13 GB
             "training.batch_size=4",
             "training.gradient_accumulation_steps=2",
-            *(extra if arm == "recipe" else []),
+            *(extra if arm in ("recipe", "compiled") else []),
+            *(["training.compile=true"] if arm == "compiled" else []),
         ],
     )
     checked = check(cfg)
@@ -135,6 +159,8 @@ def run_arm(arm: str, config: Path, examples: int, validation: int, out_dir: Pat
     device = choose_device(cfg.model.device)
     trainer, dtype = build_trainer(arm, cfg, checked, train, out_dir, device)
     real_tokens = sum(len(t.input_ids) for t in train)
+    steps = StepClock()
+    trainer.add_callback(steps)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -152,6 +178,7 @@ def run_arm(arm: str, config: Path, examples: int, validation: int, out_dir: Pat
         "real_tokens": real_tokens,
         "seconds": seconds,
         "tokens_per_second": real_tokens / seconds,
+        "step_seconds": steps.seconds,
         "flop_per_token": 4 * params,
         "eval_loss": eval_loss,
         "validation_examples": len(held_out),
@@ -166,7 +193,10 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
     parser.add_argument("--examples", type=int, default=32, help="training examples per arm")
     parser.add_argument("--validation", type=int, default=50, help="held-out examples for the validation loss")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS))
+    parser.add_argument(
+        "--warmup-steps", type=int, default=2, help="optimizer steps left out of the step-by-step comparison"
+    )
     parser.add_argument("--tokens-per-batch", type=int, default=None, help="recipe only: micro-batches by token budget")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -191,7 +221,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arm in args.arms:
             env = dict(os.environ)
-            if arm == "recipe" and JEMALLOC.is_file():
+            if arm in ("recipe", "compiled") and JEMALLOC.is_file():
                 env["LD_PRELOAD"] = str(JEMALLOC)
             out = Path(tmp) / f"{arm}.json"
             cmd = [
@@ -214,14 +244,16 @@ def main() -> None:
             results.append(json.loads(out.read_text()))
     print(
         f"\n{'arm':8} {'dtype':5} {'attention':15} {'examples':>8} {'real tok/s':>11} {'% matmul':>8} "
-        f"{'peak MiB':>9} {'val loss':>9}"
+        f"{'peak MiB':>9} {'val loss':>9} {'s after warm-up':>15}"
     )
     for r in results:
         useful = r["tokens_per_second"] * r["flop_per_token"] / 1e9
         r["matmul_share"] = useful / rates[r["dtype"]] if r["dtype"] in rates else float("nan")
+        r["seconds_after_warmup"] = sum(r["step_seconds"][args.warmup_steps :])
         print(
             f"{r['arm']:8} {r['dtype']:5} {r['attention']:15} {r['examples']:8d} {r['tokens_per_second']:11.1f} "
-            f"{100 * r['matmul_share']:7.1f}% {r['peak_rss_mib']:9.0f} {r['eval_loss']:9.4f}"
+            f"{100 * r['matmul_share']:7.1f}% {r['peak_rss_mib']:9.0f} {r['eval_loss']:9.4f} "
+            f"{r['seconds_after_warmup']:15.1f}"
         )
     by_arm = {r["arm"]: r for r in results}
     if "recipe" in by_arm:
@@ -234,6 +266,14 @@ def main() -> None:
                     f"{recipe['peak_rss_mib'] / base['peak_rss_mib']:.2f}x peak memory, "
                     f"val loss {recipe['eval_loss'] - base['eval_loss']:+.4f}"
                 )
+    if "recipe" in by_arm and "compiled" in by_arm:
+        after = len(by_arm["recipe"]["step_seconds"]) - args.warmup_steps
+        print(
+            f"compiled vs recipe over the {after} steps after the first {args.warmup_steps}: "
+            f"{by_arm['recipe']['seconds_after_warmup'] / by_arm['compiled']['seconds_after_warmup']:.2f}x speed; "
+            f"first {args.warmup_steps} steps {sum(by_arm['compiled']['step_seconds'][: args.warmup_steps]):.0f} s "
+            f"against {sum(by_arm['recipe']['step_seconds'][: args.warmup_steps]):.0f} s"
+        )
     print(
         f"(% matmul: {results[0]['flop_per_token'] / 1e6:.0f} MFLOP per real token x tok/s over the measured "
         "matmul rate of the arm's dtype; validation on "

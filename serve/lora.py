@@ -177,6 +177,8 @@ class LoraSet:
         self._masks: dict[int, torch.Tensor] = {}  # this pass's row/column masks by group id
         self._lows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group id -> (input, masked product)
         self._onehot: torch.Tensor | None = None  # `[rows, versions]`: which corrected version each row is
+        # The last mixed plan's row versions, groups, one-hot and masks: reused while the rows stay the same.
+        self._last_plan: tuple[tuple[str, ...], dict[str, _Group], torch.Tensor, dict[int, torch.Tensor]] | None = None
         self._widen = next(model.parameters()).device.type == "cpu" if widen is None else widen
         self._groups: list[tuple[str, ...]] = []  # adapted modules by shared input, found by tracing the base
         # Versions with non-finite weights are corrected on their own rows only (gathered, then added back):
@@ -195,7 +197,7 @@ class LoraSet:
     @widen.setter
     def widen(self, value: bool) -> None:
         self._widen = value
-        self._stacks.clear()
+        self._drop_stacks()
 
     @property
     def groups(self) -> list[tuple[str, ...]]:
@@ -226,7 +228,7 @@ class LoraSet:
         if not finite:  # merged, it would break every version's rows; corrected, only its own
             self.unmergeable.add(name)
         self._corrections.clear()
-        self._stacks.clear()
+        self._drop_stacks()
         if self.merged is None and finite:
             self.merge(name)
 
@@ -234,7 +236,7 @@ class LoraSet:
         self.adapters.pop(name, None)
         self.unmergeable.discard(name)
         self._corrections.clear()
-        self._stacks.clear()
+        self._drop_stacks()
         if self.merged == name:
             self.merge(next((a for a in self.adapters if a not in self.unmergeable), None))
 
@@ -257,7 +259,7 @@ class LoraSet:
             log.info("merged into the weights: %s (was %s)", name, self.merged)
         self.merged = name
         self._corrections.clear()
-        self._stacks.clear()
+        self._drop_stacks()
         self.merge_switches += 1
 
     # per-step plan --------------------------------------------------------------------------------
@@ -290,12 +292,18 @@ class LoraSet:
         if not corrected:
             return
         self._step = self._stacked(corrected)
+        versions = tuple(adapters)
+        memo = self._last_plan
+        if memo is not None and memo[0] == versions and memo[1] is self._step:  # decode steps repeat the last plan
+            self._onehot, self._masks = memo[2], memo[3]
+            return
         index = {name: i for i, name in enumerate(corrected)}
         which = torch.tensor([index.get(a, -1) for a in adapters], device=param.device)
         self._onehot = (which[:, None] == torch.arange(len(corrected), device=param.device)).to(param.dtype)
         for group in self._step.values():
             if id(group) not in self._masks:
                 self._masks[id(group)] = (which[:, None] == group.cols[None, :]).to(param.dtype)
+        self._last_plan = (versions, self._step, self._onehot, self._masks)
 
     def clear(self) -> None:
         self._isolated = []
@@ -303,6 +311,10 @@ class LoraSet:
         self._masks = {}
         self._lows = {}
         self._onehot = None
+
+    def _drop_stacks(self) -> None:
+        self._stacks.clear()
+        self._last_plan = None  # it holds a stack too
 
     def _stacked(self, corrected: tuple[str, ...]) -> dict[str, _Group]:
         key = (corrected, self.merged)
@@ -317,7 +329,9 @@ class LoraSet:
                     out.update(dict.fromkeys(present, group))
             self._stacks[key] = out
             while len(self._stacks) > (2 if self.widen else 16):  # widened groups hold a copy of the weights
-                self._stacks.popitem(last=False)
+                _, evicted = self._stacks.popitem(last=False)
+                if self._last_plan is not None and self._last_plan[1] is evicted:
+                    self._last_plan = None
         self._stacks.move_to_end(key)
         return self._stacks[key]
 
