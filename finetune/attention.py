@@ -3,8 +3,11 @@
 A packed micro-batch is one row of several examples told apart by position ids that restart at 0. transformers'
 SDPA path builds an L x L block mask for it and attends over the whole row; `segmented_attention` instead runs
 each example on its own: PyTorch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, one call with
-the cumulative boundaries) on CUDA in bf16/fp16; elsewhere one causal SDPA call (SDPA's fused kernel, no mask)
-over the examples as a batch right-padded to the longest, which costs examples x longest^2 instead of length^2.
+the cumulative boundaries) on CUDA in bf16/fp16; elsewhere the examples as a batch right-padded to the longest,
+which costs examples x longest^2 instead of length^2: on CPUs, batches whose longest example has at most
+MATH_UP_TO tokens go through plain matmuls and a softmax (PyTorch's CPU flash backward costs ~10 ms a call at
+these lengths, 2-4x the whole attention done in matmuls), longer ones through one causal SDPA call (its fused
+kernel, no mask).
 `use_packed_attention` checks it once against the block-mask SDPA on random inputs and falls
 back to that path when it is unavailable or disagrees.
 """
@@ -17,11 +20,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 log = logging.getLogger(__name__)
 
 PACKED = "tuneops_packed"  # the attn_implementation name registered with transformers
 FALLBACK = "sdpa"  # transformers' block-mask SDPA over the whole row
+# Longest example (tokens) attended in matmuls on CPUs. On AMX in bf16 (4 examples, SmolLM2's heads, forward and
+# backward) they take 2.0 / 6.4 / 9.9 ms at 64 / 200 / 256 tokens against SDPA's 9.3 / 11.5 / 13.0, and lose
+# at 400 (46 against 28); their saved scores also grow with the square of the length.
+MATH_UP_TO = 256
 
 
 def boundaries(position_ids: torch.Tensor | None, length: int, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -88,25 +96,46 @@ def segmented_attention(
 def _padded_causal(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, scaling: float | None, gqa: bool
 ) -> torch.Tensor:
-    """The row's examples as a batch right-padded to the longest, one causal SDPA call, real positions back.
+    """The row's examples as a batch zero-padded on the right to the longest, one causal attention, real positions
+    back.
 
     Exact: with causal attention a real query sees only earlier positions of its own example, never the padding
-    after it, and the padding's own outputs are dropped. Costs n x longest^2 instead of the row's length^2.
+    after it, and the padding's own outputs are dropped. Costs n x longest^2 instead of the row's length^2. The
+    examples are split and padded (`pad_sequence`) and joined back (`cat`): their gradients are plain copies,
+    where gathering by an index costs an accumulating scatter in the backward pass (1.5x the whole attention).
     """
-    lengths = cu[1:] - cu[:-1]
-    n, longest = lengths.numel(), int(lengths.max())
-    steps = torch.arange(longest, device=cu.device)
-    index = cu[:-1, None] + torch.minimum(steps[None], (lengths - 1)[:, None])  # (examples, longest)
-    real = (steps[None] < lengths[:, None]).reshape(-1).nonzero().squeeze(-1)
+    lengths = (cu[1:] - cu[:-1]).tolist()
 
-    def batch(t: torch.Tensor) -> torch.Tensor:
-        return t[0][:, index].transpose(0, 1)  # (examples, heads, longest, dim)
+    def batch(t: torch.Tensor) -> torch.Tensor:  # (1, heads, L, dim) -> (examples, heads, longest, dim)
+        return pad_sequence(list(t[0].transpose(0, 1).split(lengths)), batch_first=True).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(
-        batch(query), batch(key), batch(value), is_causal=True, scale=scaling, enable_gqa=gqa
-    )
-    heads, dim = out.shape[1], out.shape[3]
-    return out.transpose(1, 2).reshape(n * longest, heads, dim)[real].unsqueeze(0)
+    if query.device.type == "cpu" and max(lengths) <= MATH_UP_TO:
+        out = _causal_in_matmuls(batch(query), batch(key), batch(value), scaling)
+    else:
+        out = F.scaled_dot_product_attention(
+            batch(query), batch(key), batch(value), is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+    out = out.transpose(1, 2)  # (examples, longest, heads, dim)
+    return torch.cat([out[i, :length] for i, length in enumerate(lengths)]).unsqueeze(0)
+
+
+def _causal_in_matmuls(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Causal attention as two matmuls and a softmax (in fp32): (n, heads, L, dim) in and out.
+
+    Query heads that share a key/value head (grouped-query attention) are folded into its length axis, so keys
+    and values are never repeated.
+    """
+    n, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    scores = (query.reshape(n, kv_heads, group * length, dim) @ key.transpose(-1, -2)) * scale
+    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+    scores = scores.view(n, kv_heads, group, length, length).masked_fill(future, float("-inf"))
+    weights = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    return (weights.view(n, kv_heads, group * length, length) @ value).view(n, heads, length, dim)
 
 
 @functools.cache
@@ -120,9 +149,13 @@ def _register() -> None:
 
 
 def _agrees(device: torch.device, dtype: torch.dtype) -> bool:
-    """One check on random inputs: the packed kernel equals the block-mask SDPA reference, outputs and gradients."""
+    """One check on random inputs: the packed kernel equals the block-mask SDPA reference, outputs and gradients.
+    Short examples take the matmul path on CPUs, and one past MATH_UP_TO takes SDPA's kernel."""
+    return all(_agrees_on(device, dtype, lengths) for lengths in ([5, 11, 3], [MATH_UP_TO + 9, 4]))
+
+
+def _agrees_on(device: torch.device, dtype: torch.dtype, lengths: list[int]) -> bool:
     gen = torch.Generator().manual_seed(0)
-    lengths = [5, 11, 3]
     total, heads, kv_heads, dim = sum(lengths), 4, 2, 16
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(device)
     tensors = [
@@ -160,6 +193,8 @@ def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
     """What `segmented_attention` runs on this device and dtype, for the log."""
     if _varlen_kernel(torch.empty(0, device=device, dtype=dtype)) is not None:
         return "varlen flash attention (torch.nn.attention.varlen)"
+    if device.type == "cpu":
+        return f"the examples padded to the longest: in matmuls up to {MATH_UP_TO} tokens, else causal SDPA"
     return "causal SDPA over the examples padded to the longest"
 
 
