@@ -107,28 +107,9 @@ def build_trainer(arm: str, cfg: Any, checked: Any, train: list, out_dir: Path, 
     return trainer, dtype
 
 
-class StepClock:
-    """A TrainerCallback (duck-typed) that records each optimizer step's wall time."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._last = 0.0
-
-    def __getattr__(self, name: str) -> Any:  # every other callback event: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
-    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-        self._last = time.perf_counter()
-
-    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-        self.seconds.append(time.perf_counter() - self._last)
-
-
 def run_arm(arm: str, config: Path, examples: int, validation: int, out_dir: Path, extra: list[str]) -> dict:
     import torch
-    from transformers import DataCollatorWithFlattening
+    from transformers import DataCollatorWithFlattening, TrainerCallback
 
     from core.config import load_config
     from core.device import choose_device, dtype_name
@@ -159,6 +140,20 @@ def run_arm(arm: str, config: Path, examples: int, validation: int, out_dir: Pat
     device = choose_device(cfg.model.device)
     trainer, dtype = build_trainer(arm, cfg, checked, train, out_dir, device)
     real_tokens = sum(len(t.input_ids) for t in train)
+
+    class StepClock(TrainerCallback):
+        """Each optimizer step's wall time."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.began = 0.0
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.began = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.seconds.append(time.perf_counter() - self.began)
+
     steps = StepClock()
     trainer.add_callback(steps)
     t0 = time.perf_counter()

@@ -179,7 +179,7 @@ class LoraSet:
         self._onehot: torch.Tensor | None = None  # `[rows, versions]`: which corrected version each row is
         # The last mixed plan's row versions, groups, one-hot and masks: reused while the rows stay the same.
         self._last_plan: tuple[tuple[str, ...], dict[str, _Group], torch.Tensor, dict[int, torch.Tensor]] | None = None
-        self._widen = next(model.parameters()).device.type == "cpu" if widen is None else widen
+        self.widen = next(model.parameters()).device.type == "cpu" if widen is None else widen
         self._groups: list[tuple[str, ...]] = []  # adapted modules by shared input, found by tracing the base
         # Versions with non-finite weights are corrected on their own rows only (gathered, then added back):
         # in the stacked product a NaN factor would reach every row (0 * NaN is NaN).
@@ -189,15 +189,6 @@ class LoraSet:
         self._streak: tuple[str | None, int] = (None, 0)
         self.unmergeable: set[str] = set()
         self.merge_switches = 0
-
-    @property
-    def widen(self) -> bool:
-        return self._widen
-
-    @widen.setter
-    def widen(self, value: bool) -> None:
-        self._widen = value
-        self._drop_stacks()
 
     @property
     def groups(self) -> list[tuple[str, ...]]:
@@ -329,9 +320,7 @@ class LoraSet:
                     out.update(dict.fromkeys(present, group))
             self._stacks[key] = out
             while len(self._stacks) > (2 if self.widen else 16):  # widened groups hold a copy of the weights
-                _, evicted = self._stacks.popitem(last=False)
-                if self._last_plan is not None and self._last_plan[1] is evicted:
-                    self._last_plan = None
+                self._stacks.popitem(last=False)  # the plan memo, if it holds this stack, is replaced by the caller
         self._stacks.move_to_end(key)
         return self._stacks[key]
 
