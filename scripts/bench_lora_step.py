@@ -5,7 +5,8 @@ adapters on every linear layer (the default job's shape), prefills `--rows` rows
 times decode steps alternately with every row on the merged version and with half the rows on the other
 version, so both see the same cache lengths. Reported: the median wall time of each, and their ratio, for the
 mixed-batch correction computed inside each layer's matmul (`widened`, the CPU default) and as a separate
-product added after it (`added`, the GPU default). Run it on a quiet machine; the load average is printed.
+product added after it (`added`, the GPU default). Linear weights are packed as the gateway packs them
+(`serve.packed_linear`, bf16 on CPU) unless --no-pack. Run it on a quiet machine; the load average is printed.
 
     .venv/bin/python scripts/bench_lora_step.py [--rows 16] [--context 64] [--steps 60] [--threads 1]
 """
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed decode steps per mode (half of them mixed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-pack", action="store_true", help="plain F.linear weights (the gateway packs bf16)")
     args = parser.parse_args()
 
     import torch
@@ -43,6 +45,7 @@ def main() -> None:
     from core.device import choose_dtype, dtype_name
     from core.models import load_causal_lm, resolve_base_model
     from serve.lora import LoraSet
+    from serve.packed_linear import pack_linears
 
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -63,6 +66,7 @@ def main() -> None:
     mixed = ["a"] * (args.rows // 2) + ["b"] * (args.rows - args.rows // 2)
     for widen in (True, False):
         model = load_causal_lm(base, cpu, dtype).eval()
+        packed = 0 if args.no_pack else pack_linears(model)
         loras = LoraSet(model, widen=widen)
         for name in ("a", "b"):
             loras.add(name, work / name)
@@ -83,7 +87,8 @@ def main() -> None:
                 loras.clear()
             one, two = (statistics.median(times[k]) * 1000 for k in (False, True))
             print(
-                f"{'widened' if widen else 'added':8s} one version {one:6.1f} ms  two versions {two:6.1f} ms  "
+                f"{'widened' if widen else 'added':8s} {'packed' if packed else 'plain':6s} "
+                f"one version {one:6.1f} ms  two versions {two:6.1f} ms  "
                 f"ratio {one / two:.3f}  (load {os.getloadavg()[0]:.2f})",
                 flush=True,
             )

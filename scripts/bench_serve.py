@@ -4,6 +4,7 @@ Targets, run one after another on the same model (SmolLM2-135M-Instruct, in the 
   gateway      `tuneops serve` on version 1 of a registered LoRA model (alias production)
   mixed        the same gateway, half the clients on version 1 and half on version 2 (alias candidate)
   no-capture   the gateway with traffic capture off (`capture.enabled: false`): what capturing costs
+  unpacked     the gateway with `pack_weights: false`: plain `F.linear` weights, what packing gains
   serial       the same gateway with max_batch_size=1: one request at a time
   hf-serve     `transformers serve --continuous-batching` on version 1 merged into the base (a plain folder)
   in-process   PeftModel.generate in this process, 1 client (no HTTP), the single-stream reference
@@ -230,7 +231,7 @@ def cpu_flags() -> str:
 
 
 def start_gateway(
-    uri: str, port: int, max_batch: int, work: Path, threads: int, capture: bool = True
+    uri: str, port: int, max_batch: int, work: Path, threads: int, capture: bool = True, pack: bool = True
 ) -> subprocess.Popen:
     """`tuneops serve --config` through the real CLI command (tuneops/commands/serving.py)."""
     config = work / f"serve-{port}.yaml"
@@ -243,6 +244,7 @@ def start_gateway(
                 "poll_interval_s": 60,
                 "capture": {"enabled": capture},
                 "cpu_threads": threads,
+                "pack_weights": pack,
                 "limits": {
                     "max_batch_size": max_batch,
                     "max_queue": 256,
@@ -377,7 +379,8 @@ def ratios(rows: list[dict], max_load: float) -> str:
     """gateway / hf-serve at each client level, and mixed / gateway; withheld when a run had foreign load."""
     by = {(r["target"], r["clients"]): r for r in rows}
     lines = []
-    for target, base in (("gateway", "hf-serve"), ("mixed", "gateway"), ("gateway", "no-capture")):
+    pairs = (("gateway", "hf-serve"), ("mixed", "gateway"), ("gateway", "no-capture"), ("gateway", "unpacked"))
+    for target, base in pairs:
         for clients in sorted({c for t, c in by if t == target}):
             a, b = by.get((target, clients)), by.get((base, clients))
             if a is None or b is None or not b["tok_s"]:
@@ -468,6 +471,9 @@ def main() -> None:
                 run_server(target, gateway, port, [MODEL_NAME, f"{MODEL_NAME}@candidate"], "/health/ready")
             elif target == "no-capture":
                 gateway = start_gateway(uri, port, 32, work, args.threads, capture=False)
+                run_server(target, gateway, port, [MODEL_NAME], "/health/ready")
+            elif target == "unpacked":
+                gateway = start_gateway(uri, port, 32, work, args.threads, pack=False)
                 run_server(target, gateway, port, [MODEL_NAME], "/health/ready")
             elif target == "serial":
                 run_server(target, start_gateway(uri, port, 1, work, args.threads), port, [MODEL_NAME], "/health/ready")

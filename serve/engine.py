@@ -38,6 +38,7 @@ from serve.errors import APIError, EngineFailure, InvalidRequest, NotReady, Queu
 from serve.kv_slots import SlotCache
 from serve.lora import LoraSet
 from serve.metrics import Metrics
+from serve.packed_linear import pack_linears
 from serve.sampling import BROKEN, is_greedy, make_generator, sample
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Engine:
         metrics: Metrics,
         max_prefill_tokens: int = 4096,
         merge_switch_after: int = 32,
+        pack_weights: bool = True,
     ) -> None:
         self.base: Any = None
         self.lora: LoraSet | None = None  # the adapters, created with the base
@@ -128,6 +130,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.metrics = metrics
         self.merge_switch_after = merge_switch_after
+        self.pack_weights = pack_weights
         # Decode steps by the number of distinct adapters in them: 2 or more shows versions sharing a batch.
         self.decode_steps_by_adapters: collections.Counter[int] = collections.Counter()
         self._cv = threading.Condition()
@@ -165,6 +168,8 @@ class Engine:
             raise ModelError(f"the gateway serves full-attention models; this base has {sorted(kinds)} layers")
         self.base, self.tokenizer, self.device = base, tokenizer, device
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
+        if self.pack_weights and (packed := pack_linears(base)):
+            log.info("linear layers on packed weights: %d (bf16 on CPU)", packed)
         self.lora = LoraSet(base, switch_after=self.merge_switch_after)
         positions = int(getattr(config, "max_position_embeddings", 4096) or 4096)
         # Rows share columns, so a batch may span up to twice the longest sequence (padding included).

@@ -35,6 +35,7 @@ class Gateway:
             queue_timeout_s=limits.queue_timeout_s,
             metrics=self.metrics,
             max_prefill_tokens=limits.max_prefill_tokens,
+            pack_weights=settings.pack_weights,
         )
         self.directory = VersionDirectory(settings, self.engine, self.metrics, workdir)
         self.chat = OpenAIServingChat(self.engine, self.directory, limits, settings.log_prompts)

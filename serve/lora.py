@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.errors import ModelError
+from serve.packed_linear import PackedLinear, multiply, pack
 
 PREFIX = "base_model.model."
 
@@ -150,6 +151,8 @@ class _Group:
     bt: dict[str, torch.Tensor]  # [R_m, out]
     bias: dict[str, torch.Tensor]  # `[versions, out]`, only for members where some version changes the bias
     wide: dict[str, torch.Tensor] = field(default_factory=dict)  # [out, in + R_m], when widened
+    packed: bool = False  # `wide` holds packed weights (`serve.packed_linear`), as the layers themselves do
+    at_packed: torch.Tensor | None = None  # `at` packed, when `packed`: the product for a few decode rows
 
 
 class LoraSet:
@@ -350,8 +353,12 @@ class LoraSet:
         at = torch.cat(a_parts, 0).T.contiguous() if a_parts else weight.new_zeros(weight.shape[1], 0)
         group = _Group(at, torch.tensor(cols, device=weight.device, dtype=torch.long), spans, bt, bias)
         if self.widen:
+            group.packed = all(isinstance(self._linears[m], PackedLinear) for m in bt)
+            if group.packed and at.shape[1]:
+                group.at_packed = pack(at.T)
             for module, factor in bt.items():
-                group.wide[module] = torch.cat([self._linears[module].weight.detach(), factor.T], 1)
+                wide = torch.cat([self._linears[module].weight.detach(), factor.T], 1)
+                group.wide[module] = pack(wide) if group.packed else wide
         return group
 
     @torch.no_grad()
@@ -392,7 +399,8 @@ class LoraSet:
         hit = self._lows.get(id(group))
         if hit is not None and hit[0] is x:
             return hit[1]
-        low = x.reshape(-1, x.shape[-1]) @ group.at
+        flat = x.reshape(-1, x.shape[-1])
+        low = multiply(flat, group.at_packed, None) if group.at_packed is not None else flat @ group.at
         mask = self._masks[id(group)]
         low.view(x.shape[0], -1, low.shape[-1]).mul_(mask.unsqueeze(1))
         self._lows[id(group)] = (x, low)
@@ -438,9 +446,11 @@ class LoraSet:
             if group is not None and wide is not None:
                 flat_x = x.reshape(-1, x.shape[-1])
                 low = self._low(group, x)[:, first:last]
-                output = F.linear(torch.cat([flat_x, low], -1), wide, linear.bias).view(*x.shape[:-1], -1)
+                widened = torch.cat([flat_x, low], -1)
+                output = multiply(widened, wide, linear.bias) if group.packed else F.linear(widened, wide, linear.bias)
+                output = output.view(*x.shape[:-1], -1)
             else:
-                output = F.linear(x, linear.weight, linear.bias)
+                output = type(linear).forward(linear, x)  # the layer's own product (packed or plain), unshadowed
                 if group is not None and last > first:
                     flat = output.view(-1, output.shape[-1])  # the linear's output is contiguous
                     flat.addmm_(self._low(group, x)[:, first:last], group.bt[module])

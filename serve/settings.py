@@ -146,6 +146,11 @@ class ServeSettings(BaseSettings):
         "cores a multi-threaded team stalls on every barrier when another process "
         "holds a core (measured 40x slower decode steps here).",
     )
+    pack_weights: bool = Field(
+        True,
+        description="On CPUs in bf16, multiply by linear weights packed once into oneDNN's blocked layout: decode "
+        "steps ~1.2x faster, for a second copy of the linear weights in memory. No effect on CUDA or in fp32.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="sha256 hex digests of accepted API keys "
