@@ -21,6 +21,7 @@ from core.errors import ConfigError
 from core.schema.job import JobConfig
 from finetune.attention import PACKED, use_packed_attention
 from finetune.batching import TokenBudgetSampler
+from finetune.lora_linear import fuse_lora_layers
 from finetune.prepare import Tokenized
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,8 @@ def make_trainer(
             data_collator.return_flash_attn_kwargs = True
         if fused_loss_applies(model, device):
             log.info("loss: fused linear + cross-entropy (Liger); no logits materialised")
+    if device.type == "cpu" and (fused := fuse_lora_layers(model)):
+        log.info("lora: %d layers add their low-rank product inside the base matmul (CPU)", fused)
     trainer_class = _trainer_class() if cfg.training.packing else Trainer
     trainer = trainer_class(
         model=model,

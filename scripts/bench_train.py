@@ -10,6 +10,7 @@ its own:
   recipe:  finetune.recipe: padding-free packing with packed attention, logits only at trained positions, the
            dtype core.device picks, jemalloc.
   compiled: the recipe with `training.compile: true` (not run unless named in --arms: compiling takes minutes).
+  peft-lora: the recipe with peft's own LoRA forward instead of `finetune.lora_linear` (not run unless named).
 
 Reported per arm: real (non-padding) tokens/s, peak resident memory, validation loss after training (the same
 packed evaluation for every arm), and the share of the machine's measured matmul rate in the arm's dtype that
@@ -42,7 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-ARMS = ("padded", "dynamic", "recipe", "compiled")
+ARMS = ("padded", "dynamic", "recipe", "compiled", "peft-lora")
+RECIPES = ("recipe", "compiled", "peft-lora")
 DEFAULT_ARMS = ("padded", "dynamic", "recipe")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -95,8 +97,12 @@ def build_trainer(arm: str, cfg: Any, checked: Any, train: list, out_dir: Path, 
     elif arm == "dynamic":
         dtype = choose_dtype("auto", device)
         padding = {"padding": "longest"}
-    else:  # recipe, compiled (the config says compile)
+    else:  # recipe, compiled (the config says compile), peft-lora
         dtype = choose_dtype(cfg.model.dtype, device)
+        if arm == "peft-lora":
+            import finetune.recipe
+
+            finetune.recipe.fuse_lora_layers = lambda model: 0  # type: ignore[assignment]
         model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
         return make_trainer(cfg, model, checked.tokenizer, train, [], out_dir, device, dtype, []), dtype
     model = attach_lora(load_causal_lm(checked.base, device, dtype), cfg)
@@ -130,7 +136,7 @@ def run_arm(arm: str, config: Path, examples: int, validation: int, out_dir: Pat
             # 4 examples per micro-batch, 2 micro-batches per step: the padded arm at 8 x 512 needs ~13 GB
             "training.batch_size=4",
             "training.gradient_accumulation_steps=2",
-            *(extra if arm in ("recipe", "compiled") else []),
+            *(extra if arm in RECIPES else []),
             *(["training.compile=true"] if arm == "compiled" else []),
         ],
     )
@@ -216,7 +222,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arm in args.arms:
             env = dict(os.environ)
-            if arm in ("recipe", "compiled") and JEMALLOC.is_file():
+            if arm in RECIPES and JEMALLOC.is_file():
                 env["LD_PRELOAD"] = str(JEMALLOC)
             out = Path(tmp) / f"{arm}.json"
             cmd = [
@@ -238,7 +244,7 @@ def main() -> None:
             subprocess.run(cmd, env=env, check=True)
             results.append(json.loads(out.read_text()))
     print(
-        f"\n{'arm':8} {'dtype':5} {'attention':15} {'examples':>8} {'real tok/s':>11} {'% matmul':>8} "
+        f"\n{'arm':9} {'dtype':5} {'attention':15} {'examples':>8} {'real tok/s':>11} {'% matmul':>8} "
         f"{'peak MiB':>9} {'val loss':>9} {'s after warm-up':>15}"
     )
     for r in results:
@@ -246,14 +252,14 @@ def main() -> None:
         r["matmul_share"] = useful / rates[r["dtype"]] if r["dtype"] in rates else float("nan")
         r["seconds_after_warmup"] = sum(r["step_seconds"][args.warmup_steps :])
         print(
-            f"{r['arm']:8} {r['dtype']:5} {r['attention']:15} {r['examples']:8d} {r['tokens_per_second']:11.1f} "
+            f"{r['arm']:9} {r['dtype']:5} {r['attention']:15} {r['examples']:8d} {r['tokens_per_second']:11.1f} "
             f"{100 * r['matmul_share']:7.1f}% {r['peak_rss_mib']:9.0f} {r['eval_loss']:9.4f} "
             f"{r['seconds_after_warmup']:15.1f}"
         )
     by_arm = {r["arm"]: r for r in results}
     if "recipe" in by_arm:
         recipe = by_arm["recipe"]
-        for name in ("padded", "dynamic"):
+        for name in ("padded", "dynamic", "peft-lora"):
             if name in by_arm:
                 base = by_arm[name]
                 print(
