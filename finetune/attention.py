@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 PACKED = "tuneops_packed"  # the attn_implementation name registered with transformers
 FALLBACK = "sdpa"  # transformers' block-mask SDPA over the whole row
 # Longest example (tokens) attended in matmuls on CPUs. On AMX in bf16 (4 examples, SmolLM2's heads, forward and
-# backward) they take 2.0 / 6.4 / 9.9 ms at 64 / 200 / 256 tokens against SDPA's 9.3 / 11.5 / 13.0, and lose
-# at 400 (46 against 28); their saved scores also grow with the square of the length.
-MATH_UP_TO = 256
+# backward, jemalloc) they take 1.0 / 3.0 / 4.8-8.3 / 15.7-16.9 ms at 64 / 140 / 200 / 256 tokens against SDPA's
+# 2.3 / 7.2 / 7.0-7.5 / 8.1-9.0: past ~200 tokens the scores outgrow the caches and SDPA's tiled kernel wins.
+MATH_UP_TO = 200
 
 
 def boundaries(position_ids: torch.Tensor | None, length: int, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -116,13 +116,15 @@ def _padded_causal(
             batch(query), batch(key), batch(value), is_causal=True, scale=scaling, enable_gqa=gqa
         )
     out = out.transpose(1, 2)  # (examples, longest, heads, dim)
-    return torch.cat([out[i, :length] for i, length in enumerate(lengths)]).unsqueeze(0)
+    # unbind, not out[i]: its backward stacks the examples' gradients once, where each out[i] would zero a
+    # gradient the size of the whole batch
+    return torch.cat([e[:length] for e, length in zip(out.unbind(0), lengths, strict=True)]).unsqueeze(0)
 
 
 def _causal_in_matmuls(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
 ) -> torch.Tensor:
-    """Causal attention as two matmuls and a softmax (in fp32): (n, heads, L, dim) in and out.
+    """Causal attention as two matmuls and a softmax: (n, heads, L, dim) in and out.
 
     Query heads that share a key/value head (grouped-query attention) are folded into its length axis, so keys
     and values are never repeated.
@@ -131,10 +133,11 @@ def _causal_in_matmuls(
     kv_heads = key.shape[1]
     group = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
-    scores = (query.reshape(n, kv_heads, group * length, dim) @ key.transpose(-1, -2)) * scale
+    # The scale on the queries (dim wide), not on the scores (length wide); the mask written into the scores.
+    scores = (query * scale).reshape(n, kv_heads, group * length, dim) @ key.transpose(-1, -2)
     future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-    scores = scores.view(n, kv_heads, group, length, length).masked_fill(future, float("-inf"))
-    weights = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    scores = scores.view(n, kv_heads, group, length, length).masked_fill_(future, float("-inf"))
+    weights = torch.softmax(scores, -1)  # PyTorch accumulates a bf16 softmax in fp32 itself
     return (weights.view(n, kv_heads, group * length, length) @ value).view(n, heads, length, dim)
 
 
