@@ -263,7 +263,10 @@ def trained_logits_loss(model: Any, inputs: dict[str, Any], num_items: Any = Non
         outputs = None
     else:
         outputs = model(**forward, use_cache=False, logits_to_keep=keep)
-        loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), labels[0, keep + 1], reduction="sum")
+        # squeeze, not [0]: its backward is a view, where selecting row 0 zero-fills a gradient of every logit
+        loss = torch.nn.functional.cross_entropy(
+            outputs.logits.squeeze(0).float(), labels[0, keep + 1], reduction="sum"
+        )
     return loss / (num_items if num_items is not None else max(1, keep.numel())), outputs
 
 
