@@ -4,7 +4,7 @@ A packed micro-batch is one row of several examples told apart by position ids t
 SDPA path builds an L x L block mask for it and attends over the whole row; `segmented_attention` instead runs
 each example on its own: PyTorch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, one call with
 the cumulative boundaries) on CUDA in bf16/fp16; elsewhere the examples as a batch right-padded to the longest,
-which costs examples x longest^2 instead of length^2: on CPUs, batches whose longest example has at most
+which costs examples x longest^2 instead of length^2: on CPUs, bf16 batches whose longest example has at most
 MATH_UP_TO tokens go through plain matmuls and a softmax (PyTorch's CPU flash backward costs ~10 ms a call at
 these lengths, 2-4x the whole attention done in matmuls), longer ones through one causal SDPA call (its fused
 kernel, no mask).
@@ -29,6 +29,8 @@ FALLBACK = "sdpa"  # transformers' block-mask SDPA over the whole row
 # Longest example (tokens) attended in matmuls on CPUs. On AMX in bf16 (4 examples, SmolLM2's heads, forward and
 # backward, jemalloc) they take 1.0 / 3.0 / 4.8-8.3 / 15.7-16.9 ms at 64 / 140 / 200 / 256 tokens against SDPA's
 # 2.3 / 7.2 / 7.0-7.5 / 8.1-9.0: past ~200 tokens the scores outgrow the caches and SDPA's tiled kernel wins.
+# In fp32 SDPA's kernel is as fast or faster at every length (1.4 / 5.2 / 10.2 against 1.3 / 7.6 / 17.5 ms at
+# 64 / 140 / 200 tokens with AVX2 instructions), so fp32 rows always take it.
 MATH_UP_TO = 200
 
 
@@ -109,7 +111,7 @@ def _padded_causal(
     def batch(t: torch.Tensor) -> torch.Tensor:  # (1, heads, L, dim) -> (examples, heads, longest, dim)
         return pad_sequence(list(t[0].transpose(0, 1).split(lengths)), batch_first=True).transpose(1, 2)
 
-    if query.device.type == "cpu" and max(lengths) <= MATH_UP_TO:
+    if query.device.type == "cpu" and query.dtype != torch.float32 and max(lengths) <= MATH_UP_TO:
         out = _causal_in_matmuls(batch(query), batch(key), batch(value), scaling)
     else:
         out = F.scaled_dot_product_attention(
@@ -197,6 +199,8 @@ def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
     if _varlen_kernel(torch.empty(0, device=device, dtype=dtype)) is not None:
         return "varlen flash attention (torch.nn.attention.varlen)"
     if device.type == "cpu":
+        if dtype == torch.float32:
+            return "the examples padded to the longest, one causal SDPA call"
         return f"the examples padded to the longest: in matmuls up to {MATH_UP_TO} tokens, else causal SDPA"
     return "causal SDPA over the examples padded to the longest"
 

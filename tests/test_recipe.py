@@ -79,10 +79,19 @@ def test_each_example_in_a_packed_row_has_its_loss_alone(tiny_base, implementati
         assert abs(float(leaked[i] - alone[i])) > 1e-4, f"example {i}: a leak would change its loss"
 
 
-@pytest.mark.parametrize("lengths", [[5, 11, 3], [attention.MATH_UP_TO + 9, 4]], ids=["short", "long"])
-def test_packed_attention_equals_the_block_mask_on_cpu_in_matmuls_or_sdpa(monkeypatch, lengths):
-    """Rows whose longest example fits MATH_UP_TO are attended in matmuls, longer ones by SDPA's kernel; both give
-    the block-mask reference's outputs and gradients (grouped-query heads included)."""
+@pytest.mark.parametrize(
+    ("lengths", "dtype", "in_matmuls"),
+    [
+        ([5, 11, 3], torch.bfloat16, True),
+        ([attention.MATH_UP_TO + 9, 4], torch.bfloat16, False),
+        ([5, 11, 3], torch.float32, False),
+    ],
+    ids=["short-bf16", "long-bf16", "short-fp32"],
+)
+def test_packed_attention_equals_the_block_mask_on_cpu_in_matmuls_or_sdpa(monkeypatch, lengths, dtype, in_matmuls):
+    """bf16 rows whose longest example fits MATH_UP_TO are attended in matmuls; longer ones, and fp32 rows (where
+    PyTorch's CPU flash kernel is as fast), by SDPA's kernel. Each gives the block-mask reference's outputs and
+    gradients (grouped-query heads included)."""
     sdpa_calls = []
     sdpa = attention.F.scaled_dot_product_attention
 
@@ -93,17 +102,18 @@ def test_packed_attention_equals_the_block_mask_on_cpu_in_matmuls_or_sdpa(monkey
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting)
     gen = torch.Generator().manual_seed(1)
     total = sum(lengths)
-    q, k, v = (torch.randn(1, h, total, 16, generator=gen).requires_grad_() for h in (6, 2, 2))
+    q, k, v = (torch.randn(1, h, total, 16, generator=gen).to(dtype).requires_grad_() for h in (6, 2, 2))
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     out, _ = attention.segmented_attention(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
-    assert len(sdpa_calls) == (0 if max(lengths) <= attention.MATH_UP_TO else 1)
+    assert len(sdpa_calls) == (0 if in_matmuls else 1)
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     mask = (torch.ones(total, total, dtype=torch.bool).tril() & (doc[:, None] == doc[None, :]))[None, None]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     reference = sdpa(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
-    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    for got, want in zip(grads, torch.autograd.grad(reference.sum(), (q, k, v)), strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference, atol=tol, rtol=tol)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(reference.float().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 def test_trained_logits_loss_equals_the_full_logits_loss_on_a_packed_row(tiny_base):
