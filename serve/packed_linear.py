@@ -84,11 +84,18 @@ class PackedLinear(nn.Linear):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every bf16 CPU `nn.Linear` of `model` by a `PackedLinear` on the same parameters; how many."""
+    """Replace every bf16 CPU `nn.Linear` of `model` by a `PackedLinear` on the same parameters; how many.
+
+    Weights made under `torch.inference_mode` have no version counter, so nothing could tell when they change:
+    their layers stay plain.
+    """
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and packing_applies(child.weight.dtype, child.weight.device):
+            if type(child) is not nn.Linear:
+                continue
+            weight = child.weight
+            if not weight.is_inference() and packing_applies(weight.dtype, weight.device):
                 setattr(parent, name, PackedLinear.replacing(child))
                 replaced += 1
     return replaced

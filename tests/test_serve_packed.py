@@ -57,6 +57,9 @@ def test_only_bf16_cpu_linears_are_replaced_and_they_share_the_parameters():
     assert pack_linears(model) == 1
     assert type(model[0]) is PackedLinear and model[0].weight is weight
     assert type(model[1]) is nn.Linear
+    with torch.inference_mode():  # no version counter: a change could not be seen
+        made_in_inference = nn.Sequential(nn.Linear(8, 8).to(BF16))
+    assert pack_linears(made_in_inference) == 0
 
 
 def logits(lora: LoraSet, ids: torch.Tensor, rows: list[str]) -> torch.Tensor:
