@@ -95,3 +95,22 @@ def test_a_trained_base_bias_still_gets_its_gradient(tiny_base, ids):
     fuse_lora_layers(model)
     model(input_ids=ids, labels=ids).loss.backward()
     assert layer.base_layer.bias.grad is not None and layer.base_layer.bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_fused_layers_give_peft_gradients_under_activation_checkpointing(tiny_base, ids, reentrant):
+    """training.gradient_checkpointing recomputes each layer's forward in backward, through LoraMatmul too."""
+    models = []
+    for fused in (False, True):
+        model = peft_model(tiny_base)
+        model.base_model.model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+        model.train()
+        if fused:
+            fuse_lora_layers(model)
+        models.append(model)
+    (want_loss, want), (got_loss, got) = (loss_and_grads(m, ids) for m in models)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert got.keys() == want.keys() and len(got) == 28
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
