@@ -51,12 +51,11 @@ class LoraMatmul(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         flat, low, weight, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
+        needs_x, _, _, needs_a, needs_b, _ = ctx.needs_input_grad
         g_low = (g @ b).mul_(ctx.scaling)  # [tokens, r]: the scaling on the narrow side
-        grad_b = (g.t() @ low).mul_(ctx.scaling)
-        grad_a = g_low.t() @ flat
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(g_low, a).view(ctx.x_shape)
+        grad_b = (g.t() @ low).mul_(ctx.scaling) if needs_b else None
+        grad_a = g_low.t() @ flat if needs_a else None
+        grad_x = (g @ weight).addmm_(g_low, a).view(ctx.x_shape) if needs_x else None
         return grad_x, None, None, grad_a, grad_b, None
 
 

@@ -114,3 +114,19 @@ def test_fused_layers_give_peft_gradients_under_activation_checkpointing(tiny_ba
     assert got.keys() == want.keys() and len(got) == 28
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_frozen_factors_get_no_gradient_and_the_others_peft_ones(tiny_base, ids):
+    models = []
+    for fused in (False, True):
+        model = peft_model(tiny_base)
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+        if fused:
+            fuse_lora_layers(model)
+        models.append(model)
+    (_, want), (_, got) = (loss_and_grads(m, ids) for m in models)
+    assert got.keys() == want.keys() and all("lora_B" in n for n in got) and len(got) == 14
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
