@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from evaluate.merging import MergedAdapters
+
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 2048
@@ -31,7 +33,8 @@ class Subject:
     """One model measured: the version under test, the base model, or production.
 
     Several subjects share one base model in memory: `adapter` names the LoRA adapter to activate, None runs
-    the base model with every adapter disabled.
+    the base model with every adapter disabled. With `merged` (CPUs), the adapter is merged into the base weights
+    while the subject runs and the pristine weights come back after.
     """
 
     label: str
@@ -41,9 +44,18 @@ class Subject:
     chat_template: str | None
     system_prompt: str | None
     eos_ids: list[int]
+    merged: MergedAdapters | None = None
 
     @contextmanager
     def active(self) -> Iterator[Any]:
+        if self.merged is not None:
+            self.merged.use(self.adapter)
+            try:
+                with self.model.disable_adapter(), torch.inference_mode():  # the weights carry the adapter
+                    yield self.model
+            finally:
+                self.merged.use(None)
+            return
         has_adapters = hasattr(self.model, "disable_adapter")
         if self.adapter is None and has_adapters:
             ctx: Any = self.model.disable_adapter()

@@ -1,7 +1,8 @@
 """The version under test, its base model and the production version as `Subject`s, opened by core.version.
 
 One base model is loaded once and carries both adapters (`model`, `production`); the base is measured with
-adapters disabled. Each subject runs with its own version's manifest (chat template, system prompt, EOS). A
+adapters disabled. On CPUs each version is measured with its adapter merged into the weights
+(`evaluate.merging`). Each subject runs with its own version's manifest (chat template, system prompt, EOS). A
 production version trained on a different base gets its own copy of that base.
 """
 
@@ -11,6 +12,7 @@ import logging
 
 from core.device import DevicePref, DtypePref, choose_device, choose_dtype
 from core.version import OpenedVersion
+from evaluate.merging import MergedAdapters
 from evaluate.scoring import Subject
 
 log = logging.getLogger(__name__)
@@ -55,4 +57,10 @@ def load_subjects(
             log.info("production %s uses another base model; loading it separately", production.label)
             prod_model = production.attach(production.load_base(device, dtype), PROD).eval()
             out[PROD] = _subject(PROD, prod_model, PROD, production, production.tokenizer())
+    mergers: dict[int, MergedAdapters] = {}
+    for subject in out.values():  # after every adapter is attached: one merger per model in memory
+        if MergedAdapters.applies(subject.model):
+            subject.merged = mergers.setdefault(id(subject.model), MergedAdapters(subject.model))
+    if mergers:
+        log.info("evaluation: each version's adapter merged into the weights while it is measured")
     return out
