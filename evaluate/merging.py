@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.packed_linear import PackedLinear
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,8 @@ class MergedAdapters:
             if getattr(config, "lora_bias", False) or getattr(config, "trainable_token_indices", None):
                 return False
         layers: list[Any] = [m for m in model.modules() if isinstance(m, LoraLinear)]
-        return bool(layers) and all(type(m.get_base_layer()) is nn.Linear and not m.merged for m in layers)
+        plain = (nn.Linear, PackedLinear)  # not quantized linears, which subclass nn.Linear
+        return bool(layers) and all(type(m.get_base_layer()) in plain and not m.merged for m in layers)
 
     @torch.no_grad()
     def use(self, adapter: str | None) -> None:

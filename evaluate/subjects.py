@@ -2,8 +2,9 @@
 
 One base model is loaded once and carries both adapters (`model`, `production`); the base is measured with
 adapters disabled. On CPUs each version is measured with its adapter merged into the weights
-(`evaluate.merging`). Each subject runs with its own version's manifest (chat template, system prompt, EOS). A
-production version trained on a different base gets its own copy of that base.
+(`evaluate.merging`), and in bf16 the linear layers multiply by packed weights (`core.packed_linear`). Each
+subject runs with its own version's manifest (chat template, system prompt, EOS). A production version trained
+on a different base gets its own copy of that base.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from core.device import DevicePref, DtypePref, choose_device, choose_dtype
+from core.packed_linear import pack_linears, packing_applies
 from core.version import OpenedVersion
 from evaluate.merging import MergedAdapters
 from evaluate.scoring import Subject
@@ -57,6 +59,9 @@ def load_subjects(
             log.info("production %s uses another base model; loading it separately", production.label)
             prod_model = production.attach(production.load_base(device, dtype), PROD).eval()
             out[PROD] = _subject(PROD, prod_model, PROD, production, production.tokenizer())
+    if packing_applies(dtype, device):
+        for model in {id(s.model): s.model for s in out.values()}.values():
+            pack_linears(model)
     mergers: dict[int, MergedAdapters] = {}
     for subject in out.values():  # after every adapter is attached: one merger per model in memory
         if MergedAdapters.applies(subject.model):

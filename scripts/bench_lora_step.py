@@ -6,7 +6,7 @@ times decode steps alternately with every row on the merged version and with hal
 version, so both see the same cache lengths. Reported: the median wall time of each, and their ratio, for the
 mixed-batch correction computed inside each layer's matmul (`widened`, the CPU default) and as a separate
 product added after it (`added`, the GPU default). Linear weights are packed as the gateway packs them
-(`serve.packed_linear`, bf16 on CPU) unless --no-pack. Run it on a quiet machine; the load average is printed.
+(`core.packed_linear`, bf16 on CPU) unless --no-pack. Run it on a quiet machine; the load average is printed.
 
     .venv/bin/python scripts/bench_lora_step.py [--rows 16] [--context 64] [--steps 60] [--threads 1]
 """
@@ -44,8 +44,8 @@ def main() -> None:
 
     from core.device import choose_dtype, dtype_name
     from core.models import load_causal_lm, resolve_base_model
+    from core.packed_linear import pack_linears
     from serve.lora import LoraSet
-    from serve.packed_linear import pack_linears
 
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")

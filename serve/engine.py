@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from core.errors import ModelError
+from core.packed_linear import pack_linears
 from serve.detokenizer import Detokenizer
 from serve.errors import APIError, EngineFailure, InvalidRequest, NotReady, QueueFull, QueueTimeout
 from serve.kv_slots import SlotCache
 from serve.lora import LoraSet
 from serve.metrics import Metrics
-from serve.packed_linear import pack_linears
 from serve.sampling import BROKEN, is_greedy, make_generator, sample
 
 log = logging.getLogger(__name__)

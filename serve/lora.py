@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.errors import ModelError
-from serve.packed_linear import PackedLinear, multiply, pack
+from core.packed_linear import PackedLinear, multiply, pack
 
 PREFIX = "base_model.model."
 
@@ -151,7 +151,7 @@ class _Group:
     bt: dict[str, torch.Tensor]  # [R_m, out]
     bias: dict[str, torch.Tensor]  # `[versions, out]`, only for members where some version changes the bias
     wide: dict[str, torch.Tensor] = field(default_factory=dict)  # [out, in + R_m], when widened
-    packed: bool = False  # `wide` holds packed weights (`serve.packed_linear`), as the layers themselves do
+    packed: bool = False  # `wide` holds packed weights (`core.packed_linear`), as the layers themselves do
     at_packed: torch.Tensor | None = None  # `at` packed, when `packed`: the product for a few decode rows
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.packed_linear import pack_linears, packing_applies
 from evaluate.merging import MergedAdapters
 from evaluate.scoring import Subject
 
 CPU = torch.device("cpu")
 
 
-def two_adapter_model(tiny_base: Path, **extra: object):
+def two_adapter_model(tiny_base: Path, dtype: torch.dtype = torch.float32, **extra: object):
     from peft import LoraConfig, get_peft_model
 
     from core.models import load_causal_lm
@@ -23,7 +24,7 @@ def two_adapter_model(tiny_base: Path, **extra: object):
         torch.manual_seed(seed)
         return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **extra)
 
-    model = get_peft_model(load_causal_lm(tiny_base, CPU, torch.float32), config(0), adapter_name="model")
+    model = get_peft_model(load_causal_lm(tiny_base, CPU, dtype), config(0), adapter_name="model")
     model.add_adapter("production", config(1))
     return model.eval()
 
@@ -70,3 +71,16 @@ def test_the_base_weights_come_back_when_a_measurement_fails(tiny_base, ids):
 @pytest.mark.parametrize("extra", [{"use_dora": True}, {"modules_to_save": ["lm_head"]}], ids=["dora", "modules"])
 def test_adapters_that_are_more_than_plain_lora_run_unmerged(tiny_base, extra):
     assert not MergedAdapters.applies(two_adapter_model(tiny_base, **extra))
+
+
+@pytest.mark.skipif(not packing_applies(torch.bfloat16, CPU), reason="torch here has no oneDNN bf16 linear ops")
+def test_merged_subjects_on_packed_bf16_weights_follow_every_merge(tiny_base, ids):
+    """Evaluation in bf16 packs the linear layers too: each merge changes the weights in place, and the packed
+    copies must follow, or a subject would be measured with the previous one's weights."""
+    plain, packed = two_adapter_model(tiny_base, torch.bfloat16), two_adapter_model(tiny_base, torch.bfloat16)
+    assert pack_linears(packed) > 0 and MergedAdapters.applies(packed)
+    merged = MergedAdapters(packed)
+    for adapter in ["model", None, "production", None]:
+        want = logits(subject(plain, adapter, None), ids).float()
+        got = logits(subject(packed, adapter, merged), ids).float()
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.02, msg=str(adapter))

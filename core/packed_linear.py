@@ -1,14 +1,15 @@
-"""Linear layers on CPU weights packed once into oneDNN's blocked layout, for bf16 decoding.
+"""Linear layers on CPU weights packed once into oneDNN's blocked layout, for bf16 inference.
 
 `F.linear` hands oneDNN a plain row-major bf16 weight, and oneDNN reorders it into its blocked (AMX /
 AVX512-BF16) layout on every call. For the few rows of a decode step that reorder costs about as much as the
 product itself. Packing every weight once, as torch.compile's CPU weight freezing does, made one decode step of
-SmolLM2-135M 1.2x faster at 1 row and at 16 rows (bf16, AMX; `scripts/bench_serve.py` has the served figures).
-fp32 gained nothing at one row, so only bf16 weights are packed.
+SmolLM2-135M 1.2x faster at 1 row and at 16 rows (bf16, AMX; docs/benchmarks.md has the served figures).
+fp32 gained nothing at one row, so only bf16 weights are packed. The gateway and evaluation use it.
 
 A packed copy tracks its weight's version counter: when the weight changes in place (the gateway merges another
-version into it), the next call packs it again, so packing can never serve stale weights. The plain weight stays
-(merging, widening and gradients read it); the packed copy costs as much memory again.
+version into it, evaluation merges each version in turn), the next call packs it again, so packing can never
+serve stale weights. The plain weight stays (merging, widening and gradients read it); the packed copy costs as
+much memory again.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Linear layers on packed bf16 weights (`serve.packed_linear`): the same products as `F.linear`, never stale."""
+"""Linear layers on packed bf16 weights (`core.packed_linear`): the same products as `F.linear`, never stale."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from core.packed_linear import PackedLinear, pack_linears, packing_applies
 from serve.lora import LoraSet
-from serve.packed_linear import PackedLinear, pack_linears, packing_applies
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16
