@@ -28,7 +28,6 @@ class MergedAdapters:
     def __init__(self, model: Any) -> None:
         from peft.tuners.lora import Linear as LoraLinear
 
-        self.model = model
         self.layers: dict[str, Any] = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
         self.pristine = {n: m.get_base_layer().weight.detach().clone() for n, m in self.layers.items()}
         self.current: str | None = None

@@ -59,13 +59,13 @@ def load_subjects(
             log.info("production %s uses another base model; loading it separately", production.label)
             prod_model = production.attach(production.load_base(device, dtype), PROD).eval()
             out[PROD] = _subject(PROD, prod_model, PROD, production, production.tokenizer())
+    models = {id(s.model): s.model for s in out.values()}  # one base in memory, or two; every adapter attached
     if packing_applies(dtype, device):
-        for model in {id(s.model): s.model for s in out.values()}.values():
+        for model in models.values():
             pack_linears(model)
-    mergers: dict[int, MergedAdapters] = {}
-    for subject in out.values():  # after every adapter is attached: one merger per model in memory
-        if MergedAdapters.applies(subject.model):
-            subject.merged = mergers.setdefault(id(subject.model), MergedAdapters(subject.model))
+    mergers = {key: MergedAdapters(model) for key, model in models.items() if MergedAdapters.applies(model)}
+    for subject in out.values():
+        subject.merged = mergers.get(id(subject.model))
     if mergers:
         log.info("evaluation: each version's adapter merged into the weights while it is measured")
     return out
