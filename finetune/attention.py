@@ -3,11 +3,11 @@
 A packed micro-batch is one row of several examples told apart by position ids that restart at 0. transformers'
 SDPA path builds an L x L block mask for it and attends over the whole row; `segmented_attention` instead runs
 each example on its own: PyTorch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, one call with
-the cumulative boundaries) on CUDA in bf16/fp16; elsewhere the examples as a batch right-padded to the longest,
-which costs examples x longest^2 instead of length^2: on CPUs, bf16 batches whose longest example has at most
-MATH_UP_TO tokens go through plain matmuls and a softmax (PyTorch's CPU flash backward costs ~10 ms a call at
-these lengths, 2-4x the whole attention done in matmuls), longer ones through one causal SDPA call (its fused
-kernel, no mask).
+the cumulative boundaries) on CUDA in bf16/fp16; elsewhere the examples, shortest first, in batches right-padded
+to their longest, which costs about the sum of the examples' length^2 instead of the row's: on CPUs in bf16,
+examples of at most MATH_UP_TO tokens go through plain matmuls and a softmax in batches whose scores fit the caches
+(PyTorch's CPU flash backward costs ~10 ms a call at these lengths, 2-4x the whole attention done in matmuls),
+longer ones, and fp32 rows, through one causal SDPA call (its fused kernel, no mask).
 `use_packed_attention` checks it once against the block-mask SDPA on random inputs and falls
 back to that path when it is unavailable or disagrees.
 """
@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,8 @@ FALLBACK = "sdpa"  # transformers' block-mask SDPA over the whole row
 # In fp32 SDPA's kernel is as fast or faster at every length (1.4 / 5.2 / 10.2 against 1.3 / 7.6 / 17.5 ms at
 # 64 / 140 / 200 tokens with AVX2 instructions), so fp32 rows always take it.
 MATH_UP_TO = 200
+# Scores (examples x heads x longest^2) of one batch attended in matmuls: ~1.2 MB in bf16, within a core's L2.
+SCORES_BUDGET = 600_000
 
 
 def boundaries(position_ids: torch.Tensor | None, length: int, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -98,29 +99,61 @@ def segmented_attention(
 def _padded_causal(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, scaling: float | None, gqa: bool
 ) -> torch.Tensor:
-    """The row's examples as a batch zero-padded on the right to the longest, one causal attention, real positions
+    """The row's examples in batches zero-padded on the right, one causal attention per batch, real positions
     back.
 
     Exact: with causal attention a real query sees only earlier positions of its own example, never the padding
-    after it, and the padding's own outputs are dropped. Costs n x longest^2 instead of the row's length^2. The
-    examples are split and padded (`pad_sequence`) and joined back (`cat`): their gradients are plain copies,
-    where gathering by an index costs an accumulating scatter in the backward pass (1.5x the whole attention).
+    after it, and the padding's own outputs are dropped. The examples are taken shortest first (`_batches`), so a
+    batch pads little; each example is split off, padded (`F.pad`) and stacked, and joined back (`cat`): their
+    gradients are slices and one copy, where `pad_sequence`'s backward clones the whole batch's gradient once per
+    example and gathering by an index costs an accumulating scatter.
     """
     lengths = (cu[1:] - cu[:-1]).tolist()
+    in_matmuls = query.device.type == "cpu" and query.dtype != torch.float32
+    parts = [t[0].split(lengths, dim=1) for t in (query, key, value)]  # per example: (heads, length, dim)
+    pieces: list[torch.Tensor | None] = [None] * len(lengths)
+    for group, matmuls in _batches(lengths, query.shape[1], in_matmuls):
+        longest = lengths[group[-1]]
+        q, k, v = (_stacked([p[i] for i in group], longest) for p in parts)
+        if matmuls:
+            out = _causal_in_matmuls(q, k, v, scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        # unbind, not out[i]: its backward stacks the examples' gradients once, where each out[i] would zero a
+        # gradient the size of the whole batch
+        for i, example in zip(group, out.transpose(1, 2).unbind(0), strict=True):
+            pieces[i] = example[: lengths[i]]
+    return torch.cat(pieces).unsqueeze(0)  # type: ignore[arg-type]
 
-    def batch(t: torch.Tensor) -> torch.Tensor:  # (1, heads, L, dim) -> (examples, heads, longest, dim)
-        return pad_sequence(list(t[0].transpose(0, 1).split(lengths)), batch_first=True).transpose(1, 2)
 
-    if query.device.type == "cpu" and query.dtype != torch.float32 and max(lengths) <= MATH_UP_TO:
-        out = _causal_in_matmuls(batch(query), batch(key), batch(value), scaling)
-    else:
-        out = F.scaled_dot_product_attention(
-            batch(query), batch(key), batch(value), is_causal=True, scale=scaling, enable_gqa=gqa
-        )
-    out = out.transpose(1, 2)  # (examples, longest, heads, dim)
-    # unbind, not out[i]: its backward stacks the examples' gradients once, where each out[i] would zero a
-    # gradient the size of the whole batch
-    return torch.cat([e[:length] for e, length in zip(out.unbind(0), lengths, strict=True)]).unsqueeze(0)
+def _batches(lengths: list[int], heads: int, in_matmuls: bool) -> list[tuple[list[int], bool]]:
+    """The examples (indices, shortest first) grouped into attention calls, each with whether it runs in matmuls.
+
+    In matmuls (`in_matmuls` and at most MATH_UP_TO tokens), a batch takes examples while its scores
+    (examples x heads x longest^2) fit SCORES_BUDGET: one batch's scores then stay in the CPU's caches, where
+    one batch of every example would stream them through memory (4 -> 16 examples of 60-200 tokens cost 8 -> 57
+    ms a layer as one batch, 4.5 -> 25 ms in such batches). Everything else goes to SDPA's tiled kernel as one
+    batch.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    short = [i for i in order if in_matmuls and lengths[i] <= MATH_UP_TO]
+    rest = [i for i in order if not (in_matmuls and lengths[i] <= MATH_UP_TO)]
+    batches: list[tuple[list[int], bool]] = []
+    for i in short:
+        if batches and (len(batches[-1][0]) + 1) * heads * lengths[i] ** 2 <= SCORES_BUDGET:
+            batches[-1][0].append(i)
+        else:
+            batches.append(([i], True))
+    if rest:
+        batches.append((rest, False))
+    return batches
+
+
+def _stacked(examples: list[torch.Tensor], longest: int) -> torch.Tensor:
+    """(heads, length, dim) examples as one (examples, heads, longest, dim) batch, zero-padded on the right."""
+    if len(examples) == 1 and examples[0].shape[1] == longest:
+        return examples[0].unsqueeze(0)
+    return torch.stack([F.pad(e, (0, 0, 0, longest - e.shape[1])) for e in examples])
 
 
 def _causal_in_matmuls(

@@ -80,32 +80,38 @@ def test_each_example_in_a_packed_row_has_its_loss_alone(tiny_base, implementati
 
 
 @pytest.mark.parametrize(
-    ("lengths", "dtype", "in_matmuls"),
+    ("lengths", "dtype", "budget", "calls"),
     [
-        ([5, 11, 3], torch.bfloat16, True),
-        ([attention.MATH_UP_TO + 9, 4], torch.bfloat16, False),
-        ([5, 11, 3], torch.float32, False),
+        ([5, 11, 3], torch.bfloat16, attention.SCORES_BUDGET, {"matmuls": 1, "sdpa": 0}),
+        ([5, 11, 3, 8], torch.bfloat16, 6 * 9**2 * 2, {"matmuls": 3, "sdpa": 0}),
+        ([attention.MATH_UP_TO + 9, 4, 7], torch.bfloat16, attention.SCORES_BUDGET, {"matmuls": 1, "sdpa": 1}),
+        ([5, 11, 3], torch.float32, attention.SCORES_BUDGET, {"matmuls": 0, "sdpa": 1}),
     ],
-    ids=["short-bf16", "long-bf16", "short-fp32"],
+    ids=["short-bf16", "short-bf16-small-budget", "mixed-bf16", "short-fp32"],
 )
-def test_packed_attention_equals_the_block_mask_on_cpu_in_matmuls_or_sdpa(monkeypatch, lengths, dtype, in_matmuls):
-    """bf16 rows whose longest example fits MATH_UP_TO are attended in matmuls; longer ones, and fp32 rows (where
-    PyTorch's CPU flash kernel is as fast), by SDPA's kernel. Each gives the block-mask reference's outputs and
-    gradients (grouped-query heads included)."""
-    sdpa_calls = []
-    sdpa = attention.F.scaled_dot_product_attention
+def test_packed_attention_equals_the_block_mask_on_cpu_in_matmuls_or_sdpa(monkeypatch, lengths, dtype, budget, calls):
+    """bf16 examples of at most MATH_UP_TO tokens are attended in matmuls, in batches whose scores fit the budget;
+    longer ones, and fp32 rows (where PyTorch's CPU flash kernel is as fast), by SDPA's kernel. Each gives the
+    block-mask reference's outputs and gradients (grouped-query heads included)."""
+    counted = {"matmuls": 0, "sdpa": 0}
+    sdpa, in_matmuls = attention.F.scaled_dot_product_attention, attention._causal_in_matmuls
 
-    def counting(*args, **kwargs):
-        sdpa_calls.append(args[0].shape)
-        return sdpa(*args, **kwargs)
+    def counting(name, function):
+        def call(*args, **kwargs):
+            counted[name] += 1
+            return function(*args, **kwargs)
 
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting)
+        return call
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting("sdpa", sdpa))
+    monkeypatch.setattr(attention, "_causal_in_matmuls", counting("matmuls", in_matmuls))
+    monkeypatch.setattr(attention, "SCORES_BUDGET", budget)
     gen = torch.Generator().manual_seed(1)
     total = sum(lengths)
     q, k, v = (torch.randn(1, h, total, 16, generator=gen).to(dtype).requires_grad_() for h in (6, 2, 2))
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     out, _ = attention.segmented_attention(torch.nn.Module(), q, k, v, None, position_ids=position_ids)
-    assert len(sdpa_calls) == (0 if in_matmuls else 1)
+    assert counted == calls
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     mask = (torch.ones(total, total, dtype=torch.bool).tril() & (doc[:, None] == doc[None, :]))[None, None]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -114,6 +120,23 @@ def test_packed_attention_equals_the_block_mask_on_cpu_in_matmuls_or_sdpa(monkey
     grads = torch.autograd.grad(out.float().sum(), (q, k, v))
     for got, want in zip(grads, torch.autograd.grad(reference.float().sum(), (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_attention_batches_take_every_example_once_shortest_first_within_the_budget():
+    lengths = [150, 9, attention.MATH_UP_TO + 1, 40, 38, 120, 7, 500]
+    heads = 9
+    batches = attention._batches(lengths, heads, in_matmuls=True)
+    order = [i for group, _ in batches for i in group]
+    assert sorted(order) == list(range(len(lengths)))
+    for group, matmuls in batches:
+        assert [lengths[i] for i in group] == sorted(lengths[i] for i in group)
+        longest = max(lengths[i] for i in group)
+        if matmuls:
+            assert longest <= attention.MATH_UP_TO
+            assert len(group) == 1 or len(group) * heads * longest**2 <= attention.SCORES_BUDGET
+    assert batches[-1] == ([2, 7], False)  # past MATH_UP_TO: one SDPA batch
+    assert len([b for b in batches if b[1]]) > 1  # 150 and 120 do not share a batch with the rest
+    assert attention._batches(lengths, heads, in_matmuls=False) == [(sorted(range(8), key=lengths.__getitem__), False)]
 
 
 def test_trained_logits_loss_equals_the_full_logits_loss_on_a_packed_row(tiny_base):
