@@ -182,7 +182,8 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(PACKED, segmented_attention)
+    # Left out of compiled layers (training.compile): it splits the row at boundaries read from the data.
+    AttentionInterface.register(PACKED, torch.compiler.disable(segmented_attention))
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
 
 

@@ -21,6 +21,7 @@ from core.errors import ConfigError
 from core.schema.job import JobConfig
 from finetune.attention import PACKED, use_packed_attention
 from finetune.batching import TokenBudgetSampler
+from finetune.compiled_layers import compile_layers
 from finetune.lora_linear import fuse_lora_layers
 from finetune.prepare import Tokenized
 
@@ -194,7 +195,6 @@ def training_arguments(cfg: JobConfig, output_dir: Path, device: torch.device, d
         bf16=dtype_name(dtype) == "bf16",
         fp16=dtype_name(dtype) == "fp16",
         use_cpu=device.type == "cpu",
-        torch_compile=t.compile,
         eval_strategy="steps" if eval_on else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps",
@@ -357,6 +357,8 @@ def make_trainer(
             log.info("loss: fused linear + cross-entropy (Liger); no logits materialised")
     if device.type == "cpu" and (fused := fuse_lora_layers(model)):
         log.info("lora: %d layers add their low-rank product inside the base matmul (CPU)", fused)
+    if cfg.training.compile:
+        log.info("compile: %d decoder layers, compiled on the first steps", compile_layers(model))
     trainer_class = _trainer_class() if cfg.training.packing else Trainer
     trainer = trainer_class(
         model=model,

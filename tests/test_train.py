@@ -255,3 +255,26 @@ def test_a_job_stopped_by_sigterm_is_marked_killed_and_registers_nothing(tmp_pat
     run_id = json.loads(run_file.read_text())["run_id"]
     assert client.get_run(run_id).info.status == "KILLED", err[-2000:]
     assert client.search_registered_models() == []
+
+
+def test_compiled_decoder_layers_train_to_the_eager_losses(tmp_path, tiny_base, mlflow_store, caplog):
+    """training.compile compiles each decoder layer once for every row length (dynamic shapes, the packed
+    attention left eager) and trains to the same losses as eager layers."""
+    import logging
+
+    import torch._dynamo
+
+    fp32 = {"dtype": "fp32", "base": str(tiny_base)}
+    eager = run_job(job(tmp_path / "eager", tiny_base, mlflow_store, model=fp32), "eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = job(tmp_path / "compiled", tiny_base, mlflow_store, model=fp32, training={"compile": True})
+    with caplog.at_level(logging.INFO, logger="finetune.recipe"):
+        compiled = run_job(cfg, "compiled")
+    assert "compile: 2 decoder layers" in caplog.text
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 0 < graphs <= 16, "one graph set per layer forward and backward, not one per row length"
+    client = connect(mlflow_store)
+    got, want = losses(client, compiled.run_id), losses(client, eager.run_id)
+    assert [step for step, _ in got] == [step for step, _ in want]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-4)

@@ -40,7 +40,12 @@ class TrainingConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     packing: bool = Field(True, description="Padding-free packing of examples into one row per micro-batch.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
-    compile: bool = Field(False, description="torch.compile the model (slow first steps, faster after).")
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer (the packed attention stays eager): the first steps compile "
+        "for ~20-45 s (cached on the machine for later runs), then steps run ~1.1-1.2x faster on a bf16 CPU. Worth "
+        "it for runs longer than a few minutes.",
+    )
     eval_steps: int = Field(50, ge=1, description="Evaluate on the validation split every N steps.")
     save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints.")
