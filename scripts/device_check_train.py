@@ -210,7 +210,7 @@ def run_arm(arm: str, checked: Any, cfg: Any, train: list, validation: list, out
         "dtype": dtype_name(dtype),
         "device": str(device),
         "attention": getattr(trainer.model.get_base_model().config, "_attn_implementation", "?"),
-        "fused_loss": arm == "recipe" and fused_loss_applies(trainer.model, device),
+        "fused_loss": arm in ("recipe", "compiled") and fused_loss_applies(trainer.model, device),
         "examples": len(train),
         "steps": int(result.global_step),
         "real_tokens": real_tokens,
@@ -227,7 +227,15 @@ def run_arm(arm: str, checked: Any, cfg: Any, train: list, validation: list, out
     return out
 
 
-def arms(base: Path, work: Path, examples: int, batch_size: int, tokens_per_batch: int | None, device: Any) -> dict:
+def arms(
+    base: Path,
+    work: Path,
+    examples: int,
+    batch_size: int,
+    tokens_per_batch: int | None,
+    device: Any,
+    compiled: bool = False,
+) -> dict:
     import torch
     from bench_train import matmul_rate
 
@@ -257,8 +265,14 @@ def arms(base: Path, work: Path, examples: int, batch_size: int, tokens_per_batc
         [f"model.device={device.type}", f"training.tokens_per_batch={tokens_per_batch}"],
     )
     results = []
-    for arm in ("padded", "dynamic", "recipe"):
-        arm_cfg = recipe_cfg if arm == "recipe" else cfg
+    for arm in ("padded", "dynamic", "recipe", *(["compiled"] if compiled else [])):
+        arm_cfg = cfg
+        if arm == "recipe":
+            arm_cfg = recipe_cfg
+        elif arm == "compiled":  # the recipe with training.compile (decoder layers compiled, attention eager)
+            arm_cfg = recipe_cfg.model_copy(
+                update={"training": recipe_cfg.training.model_copy(update={"compile": True})}
+            )
         r = run_arm(arm, checked, arm_cfg, train, validation, work / f"ckpt-{arm}", device)
         useful = r["tokens_per_second"] * r["flop_per_token"]
         r["matmul_share"] = round(useful / rate, 4)
@@ -283,6 +297,9 @@ def arms(base: Path, work: Path, examples: int, batch_size: int, tokens_per_batc
             f"recipe / {name_}: {q['tokens_per_second']:.2f}x real tokens/s, {q['peak_memory']}x peak memory, "
             f"val loss {q['eval_loss_delta']:+.4f}"
         )
+    if "compiled" in by_arm:
+        speed = by_arm["compiled"]["tokens_per_second"] / by_arm["recipe"]["tokens_per_second"]
+        log(f"compiled / recipe: {speed:.2f}x real tokens/s, compiling included")
     target = ratios["padded"]["tokens_per_second"] >= 2 and ratios["padded"]["eval_loss_delta"] <= 0.01
     log(f"target (recipe >= 2x padded tokens/s, no worse val loss): {'MET' if target else 'NOT MET'}")
     return {
@@ -421,6 +438,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--tokens-per-batch", type=int, default=None, help="the recipe's token budget per row")
     parser.add_argument("--job-steps", type=int, default=None)
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        default=os.environ.get("DEVICE_CHECK_COMPILED") == "1",
+        help="also the recipe with training.compile (its first steps compile; DEVICE_CHECK_COMPILED=1)",
+    )
     parser.add_argument("--skip", default="", help="comma-separated: arms,job,qlora")
     args, rest = parser.parse_known_args()
     if args.serve_smoke:
@@ -464,7 +487,9 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     if ok and not args.build_only:
         if "arms" not in skip:
-            ok &= step("arms", summary, arms, base_dir, work, examples, batch_size, tokens_per_batch, device)
+            ok &= step(
+                "arms", summary, arms, base_dir, work, examples, batch_size, tokens_per_batch, device, args.compiled
+            )
         if "job" not in skip:
             ok &= step("job", summary, full_job, base_dir, work, batch_size, job_steps, device)
         if "qlora" not in skip:
