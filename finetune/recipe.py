@@ -247,7 +247,16 @@ def _fused_loss(model: Any, forward: dict[str, Any], keep: torch.Tensor, targets
     return loss.float()
 
 
-def trained_logits_loss(model: Any, inputs: dict[str, Any], num_items: Any = None) -> tuple[torch.Tensor, Any]:
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in fp32 over `[positions, vocabulary]` logits. Eager, it makes fp32 copies of the
+    logits, a zero-filled gradient and a separate log-softmax pass each way; compiled (`training.compile`), one
+    fused pass forward and one backward (~3x less time on a bf16 CPU)."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def trained_logits_loss(
+    model: Any, inputs: dict[str, Any], num_items: Any = None, loss_fn: Any = cross_entropy_sum
+) -> tuple[torch.Tensor, Any]:
     """Causal-LM loss computing logits only at positions whose next token is trained.
 
     The 49k-vocabulary head is a fifth of a small model's step, and most packed tokens are prompt tokens; a
@@ -264,9 +273,7 @@ def trained_logits_loss(model: Any, inputs: dict[str, Any], num_items: Any = Non
     else:
         outputs = model(**forward, use_cache=False, logits_to_keep=keep)
         # squeeze, not [0]: its backward is a view, where selecting row 0 zero-fills a gradient of every logit
-        loss = torch.nn.functional.cross_entropy(
-            outputs.logits.squeeze(0).float(), labels[0, keep + 1], reduction="sum"
-        )
+        loss = loss_fn(outputs.logits.squeeze(0), labels[0, keep + 1])
     return loss / (num_items if num_items is not None else max(1, keep.numel())), outputs
 
 
@@ -293,6 +300,7 @@ def _trainer_class() -> type:
         """The Trainer with `trained_logits_loss` for packed (single-row) micro-batches, and token-budget rows."""
 
         tokens_per_batch: int | None = None
+        head_loss: Any = staticmethod(cross_entropy_sum)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             labels = inputs.get("labels")
@@ -300,7 +308,7 @@ def _trainer_class() -> type:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if return_outputs and fused_loss_applies(model, labels.device):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # logits wanted
-            loss, outputs = trained_logits_loss(model, inputs, num_items_in_batch)
+            loss, outputs = trained_logits_loss(model, inputs, num_items_in_batch, self.head_loss)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as the Trainer scales its own token-averaged loss
             return (loss, outputs) if return_outputs else loss
@@ -358,7 +366,8 @@ def make_trainer(
     if device.type == "cpu" and (fused := fuse_lora_layers(model)):
         log.info("lora: %d layers add their low-rank product inside the base matmul (CPU)", fused)
     if cfg.training.compile:
-        log.info("compile: %d decoder layers, compiled on the first steps", compile_layers(model))
+        what = f"{compile_layers(model)} decoder layers" + (" and the loss" if cfg.training.packing else "")
+        log.info("compile: %s, compiled on the first steps", what)
     trainer_class = _trainer_class() if cfg.training.packing else Trainer
     trainer = trainer_class(
         model=model,
@@ -372,5 +381,7 @@ def make_trainer(
     trainer.remove_callback(PrinterCallback)
     if cfg.training.packing:
         trainer.tokens_per_batch = cfg.training.tokens_per_batch
+        if cfg.training.compile:
+            trainer.head_loss = torch.compile(cross_entropy_sum, dynamic=True)
     trainer.attention = attention  # what attention runs, for the run's tags
     return trainer
