@@ -10,11 +10,33 @@ at boundaries read from the data, so it stays eager (`finetune.attention` regist
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+def _cpp_compiler() -> str | None:
+    """The C++ compiler inductor would build CPU kernels with, or None when it finds none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return str(get_cpp_compiler())
+    except Exception:  # inductor raises its own error types when no compiler is found
+        return None
+
+
+def toolchain_problem(device: torch.device) -> str | None:
+    """Why torch.compile cannot build kernels for `device` here, or None: checked before a job loads anything,
+    since without a toolchain the first training step would fail inside inductor."""
+    if device.type == "cpu" and _cpp_compiler() is None:
+        return "compiling on CPU needs a C++ compiler (g++ or clang++ on PATH, or CXX); install one or set it false"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "compiling on CUDA needs triton (pip install triton); install it or set it false"
+    return None
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

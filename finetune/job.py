@@ -28,6 +28,7 @@ from core.models import BaseModelRef, load_causal_lm, load_tokenizer, resolve_ba
 from core.registry import Manifest, connect, git_commit, library_versions
 from core.schema.job import JobConfig
 from core.version import OpenedVersion, open_version
+from finetune.compiled_layers import toolchain_problem
 from finetune.prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def check(cfg: JobConfig) -> Checked:
             pass
     except OSError as exc:
         raise ConfigError([f"training.output_dir: {out} is not writable ({exc.strerror})"]) from None
+    if cfg.training.compile and (problem := toolchain_problem(choose_device(cfg.model.device))):
+        raise ConfigError([f"training.compile: {problem}"])
     base = resolve_base_model(cfg.model.base, cfg.model.revision)
     init = warm_start(cfg, base)
     tokenizer = load_tokenizer(base)

@@ -278,3 +278,24 @@ def test_compiled_decoder_layers_train_to_the_eager_losses(tmp_path, tiny_base, 
     got, want = losses(client, compiled.run_id), losses(client, eager.run_id)
     assert [step for step, _ in got] == [step for step, _ in want]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-4)
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_loading(tmp_path, tiny_base, mlflow_store, monkeypatch):
+    """Without a toolchain inductor would fail inside the first step, after the run started; the job check names
+    the field instead, and no MLflow run is made."""
+    import torch
+
+    import finetune.compiled_layers
+    from core.errors import ConfigError
+    from finetune.job import check
+
+    cfg = job(tmp_path, tiny_base, mlflow_store, model={"device": "cpu"}, training={"compile": True})
+    assert finetune.compiled_layers.toolchain_problem(torch.device("cpu")) is None  # this machine has one
+    monkeypatch.setattr(finetune.compiled_layers, "_cpp_compiler", lambda: None)
+    with pytest.raises(ConfigError, match=r"training\.compile: compiling on CPU needs a C\+\+ compiler"):
+        check(cfg)
+    with pytest.raises(ConfigError, match=r"training\.compile"):
+        run_job(cfg, "no-compiler")
+    client = connect(mlflow_store)
+    experiment = client.get_experiment_by_name("t")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
