@@ -11,13 +11,9 @@ at boundaries read from the data, so it stays eager (`finetune.attention` regist
 from __future__ import annotations
 
 import importlib.util
-import logging
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
-
 
 def _cpp_compiler() -> str | None:
     """The C++ compiler inductor would build CPU kernels with, or None when it finds none."""

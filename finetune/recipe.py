@@ -248,9 +248,9 @@ def _fused_loss(model: Any, forward: dict[str, Any], keep: torch.Tensor, targets
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in fp32 over `[positions, vocabulary]` logits. Eager, it makes fp32 copies of the
-    logits, a zero-filled gradient and a separate log-softmax pass each way; compiled (`training.compile`), one
-    fused pass forward and one backward (~3x less time on a bf16 CPU)."""
+    """Summed cross-entropy in fp32 over `[positions, vocabulary]` logits. Eager, it makes a zero-filled gradient
+    of every logit and separate log-softmax passes each way; compiled (`training.compile`), one fused pass forward
+    and one backward (on a bf16 CPU ~1.5x faster on the fp32 logits accelerate hands it, ~3x on bf16 logits)."""
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
