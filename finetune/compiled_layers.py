@@ -15,6 +15,7 @@ import importlib.util
 import torch
 from torch import nn
 
+
 def _cpp_compiler() -> str | None:
     """The C++ compiler inductor would build CPU kernels with, or None when it finds none."""
     try:
