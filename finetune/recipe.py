@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -247,6 +248,9 @@ def _fused_loss(model: Any, forward: dict[str, Any], keep: torch.Tensor, targets
     return loss.float()
 
 
+HeadLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> summed loss
+
+
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy in fp32 over `[positions, vocabulary]` logits. Eager, it makes a zero-filled gradient
     of every logit and separate log-softmax passes each way; compiled (`training.compile`), one fused pass forward
@@ -255,7 +259,7 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def trained_logits_loss(
-    model: Any, inputs: dict[str, Any], num_items: Any = None, loss_fn: Any = cross_entropy_sum
+    model: Any, inputs: dict[str, Any], num_items: Any = None, loss_fn: HeadLoss = cross_entropy_sum
 ) -> tuple[torch.Tensor, Any]:
     """Causal-LM loss computing logits only at positions whose next token is trained.
 
@@ -300,7 +304,7 @@ def _trainer_class() -> type:
         """The Trainer with `trained_logits_loss` for packed (single-row) micro-batches, and token-budget rows."""
 
         tokens_per_batch: int | None = None
-        head_loss: Any = staticmethod(cross_entropy_sum)
+        head_loss: HeadLoss = staticmethod(cross_entropy_sum)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             labels = inputs.get("labels")

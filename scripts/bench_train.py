@@ -107,32 +107,50 @@ def matmul_rate(dtype: Any, size: int = 1024, seconds: float = 2.0, device: Any 
     return 2 * size**3 / best / 1e9
 
 
+def random_weight_base(source: Path, out: Path, dims: dict[str, int], seed: int = 0, dtype: str = "float32") -> int:
+    """A random-weight model with `source`'s config changed by `dims`, and `source`'s tokenizer, generation config
+    and chat template, saved as a safetensors folder at `out` (written aside and moved, so a folder there is
+    whole); its number of parameters."""
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source)
+    for key, value in dims.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    if (source / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(source).save_pretrained(tmp)
+    if (source / "chat_template.jinja").is_file() and not (tmp / "chat_template.jinja").is_file():
+        shutil.copy(source / "chat_template.jinja", tmp / "chat_template.jinja")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.move(str(tmp), str(out))
+    return sum(p.numel() for p in model.parameters())
+
+
 def shaped_base(config: Path, shape: str) -> Path | None:
     """A random-weight model of `shape` beside the embedded base in the tuneops cache (built once); None for the
     embedded model itself."""
     if not SHAPES[shape]:
         return None
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from core.config import load_config
     from core.models import cache_dir, resolve_base_model
     from core.schema.job import JobConfig
 
     out = cache_dir() / "bench-bases" / f"smollm2-{shape}-random"
-    if (out / "model.safetensors").is_file():
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     embedded = resolve_base_model(load_config(JobConfig, config).model.base).path
-    model_config = AutoConfig.from_pretrained(embedded)
-    for key, value in SHAPES[shape].items():
-        setattr(model_config, key, value)
     print(f"building a random-weight SmolLM2-{shape}-shaped model in {out} (once)", flush=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(embedded).save_pretrained(tmp)
-    tmp.rename(out)
+    random_weight_base(embedded, out, SHAPES[shape], dtype="bfloat16")  # the size the arms train in
     return out
 
 

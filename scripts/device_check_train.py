@@ -68,36 +68,14 @@ def log(msg: str) -> None:
 
 def build_base(config_dir: Path, out: Path, tiny: bool, seed: int = 1234) -> Path:
     """A random-weight model from the real config + tokenizer, saved as a Hugging Face safetensors folder."""
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from bench_train import random_weight_base
 
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         log(f"base: reusing {out}")
         return out
     t0 = time.perf_counter()
-    config = AutoConfig.from_pretrained(config_dir)
-    if tiny:
-        for k, v in TINY.items():
-            setattr(config, k, v)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(config_dir).save_pretrained(tmp)
-    if (config_dir / "generation_config.json").is_file():
-        GenerationConfig.from_pretrained(config_dir).save_pretrained(tmp)
-    for name in ("chat_template.jinja",):
-        if (config_dir / name).is_file() and not (tmp / name).is_file():
-            shutil.copy(config_dir / name, tmp / name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.move(str(tmp), str(out))
-    n = sum(p.numel() for p in model.parameters())
-    seconds = time.perf_counter() - t0
-    log(f"base: random-weight {config.model_type} with {n / 1e6:.1f}M parameters in {out} ({seconds:.1f} s)")
+    params = random_weight_base(config_dir, out, TINY if tiny else {}, seed)
+    log(f"base: random-weight model with {params / 1e6:.1f}M parameters in {out} ({time.perf_counter() - t0:.1f} s)")
     return out
 
 
