@@ -42,7 +42,7 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
     compile: bool = Field(
         False,
-        description="torch.compile each decoder layer (the packed attention stays eager) and the loss: the first "
+        description="torch.compile each decoder layer (the packed attention stays eager): the first "
         "steps compile for ~20-40 s (cached on the machine for later runs), then steps run 1.05-1.17x faster on a "
         "bf16 CPU (no faster in fp32). Worth it for runs of many minutes. Needs a C++ compiler on CPU, triton on CUDA "
         "(checked before the job loads anything).",
