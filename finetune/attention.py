@@ -3,11 +3,12 @@
 A packed micro-batch is one row of several examples told apart by position ids that restart at 0. transformers'
 SDPA path builds an L x L block mask for it and attends over the whole row; `segmented_attention` instead runs
 each example on its own: PyTorch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`, one call with
-the cumulative boundaries) on CUDA in bf16/fp16; elsewhere the examples, shortest first, in batches right-padded
-to their longest, which costs about the sum of the examples' length^2 instead of the row's: on CPUs in bf16,
-examples of at most MATH_UP_TO tokens go through plain matmuls and a softmax in batches whose scores fit the caches
-(PyTorch's CPU flash backward costs ~10 ms a call at these lengths, 2-4x the whole attention done in matmuls),
-longer ones, and fp32 rows, through one causal SDPA call (its fused kernel, no mask).
+the cumulative boundaries) on CUDA in bf16/fp16. On CPUs in bf16, examples of at most MATH_UP_TO tokens go
+through plain matmuls and a softmax, shortest first, in batches right-padded to their longest whose scores fit
+the caches (PyTorch's CPU flash backward costs ~10 ms a call at these lengths, 2-4x the whole attention done in
+matmuls); longer ones, and every example of an fp32 row, take one causal SDPA call each (its fused kernel, no
+mask, no padding). Elsewhere (CUDA without the varlen kernel) the examples are one causal SDPA call, padded to the
+longest. Either way the cost is about the sum of the examples' length^2 instead of the row's.
 `use_packed_attention` checks it once against the block-mask SDPA on random inputs and falls
 back to that path when it is unavailable or disagrees.
 """
@@ -29,7 +30,9 @@ FALLBACK = "sdpa"  # transformers' block-mask SDPA over the whole row
 # backward, jemalloc) they take 1.0 / 3.0 / 4.8-8.3 / 15.7-16.9 ms at 64 / 140 / 200 / 256 tokens against SDPA's
 # 2.3 / 7.2 / 7.0-7.5 / 8.1-9.0: past ~200 tokens the scores outgrow the caches and SDPA's tiled kernel wins.
 # In fp32 SDPA's kernel is as fast or faster at every length (1.4 / 5.2 / 10.2 against 1.3 / 7.6 / 17.5 ms at
-# 64 / 140 / 200 tokens with AVX2 instructions), so fp32 rows always take it.
+# 64 / 140 / 200 tokens with AVX2 instructions), so fp32 rows always take it. On CPUs SDPA takes one example a
+# call: the padded batch of four examples of 64-190 tokens costs 15.7 ms forward + backward in fp32 (AVX2), one
+# call each 7.1 ms; three of 210-300 tokens in bf16, 20.6 against 17.5 ms.
 MATH_UP_TO = 200
 # Scores (examples x heads x longest^2) of one batch attended in matmuls: ~1.2 MB in bf16, within a core's L2.
 SCORES_BUDGET = 600_000
@@ -109,10 +112,11 @@ def _padded_causal(
     example and gathering by an index costs an accumulating scatter.
     """
     lengths = (cu[1:] - cu[:-1]).tolist()
-    in_matmuls = query.device.type == "cpu" and query.dtype != torch.float32
+    cpu = query.device.type == "cpu"
+    in_matmuls = cpu and query.dtype != torch.float32
     parts = [t[0].split(lengths, dim=1) for t in (query, key, value)]  # per example: (heads, length, dim)
     pieces: list[torch.Tensor | None] = [None] * len(lengths)
-    for group, matmuls in _batches(lengths, query.shape[1], in_matmuls):
+    for group, matmuls in _batches(lengths, query.shape[1], in_matmuls, sdpa_per_example=cpu):
         longest = lengths[group[-1]]
         q, k, v = (_stacked([p[i] for i in group], longest) for p in parts)
         if matmuls:
@@ -126,14 +130,16 @@ def _padded_causal(
     return torch.cat(pieces).unsqueeze(0)  # type: ignore[arg-type]
 
 
-def _batches(lengths: list[int], heads: int, in_matmuls: bool) -> list[tuple[list[int], bool]]:
+def _batches(
+    lengths: list[int], heads: int, in_matmuls: bool, sdpa_per_example: bool = False
+) -> list[tuple[list[int], bool]]:
     """The examples (indices, shortest first) grouped into attention calls, each with whether it runs in matmuls.
 
     In matmuls (`in_matmuls` and at most MATH_UP_TO tokens), a batch takes examples while its scores
     (examples x heads x longest^2) fit SCORES_BUDGET: one batch's scores then stay in the CPU's caches, where
     one batch of every example would stream them through memory (4 -> 16 examples of 60-200 tokens cost 8 -> 57
-    ms a layer as one batch, 4.5 -> 25 ms in such batches). Everything else goes to SDPA's tiled kernel as one
-    batch.
+    ms a layer as one batch, 4.5 -> 25 ms in such batches). Everything else goes to SDPA's tiled kernel: one
+    call per example with `sdpa_per_example` (CPUs: no padding to compute or copy), else one padded batch.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     short = [i for i in order if in_matmuls and lengths[i] <= MATH_UP_TO]
@@ -144,7 +150,9 @@ def _batches(lengths: list[int], heads: int, in_matmuls: bool) -> list[tuple[lis
             batches[-1][0].append(i)
         else:
             batches.append(([i], True))
-    if rest:
+    if rest and sdpa_per_example:
+        batches.extend(([i], False) for i in rest)
+    elif rest:
         batches.append((rest, False))
     return batches
 
@@ -234,8 +242,8 @@ def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
         return "varlen flash attention (torch.nn.attention.varlen)"
     if device.type == "cpu":
         if dtype == torch.float32:
-            return "the examples padded to the longest, one causal SDPA call"
-        return f"the examples padded to the longest: in matmuls up to {MATH_UP_TO} tokens, else causal SDPA"
+            return "one causal SDPA call per example"
+        return f"examples up to {MATH_UP_TO} tokens in matmuls, padded in batches; longer ones one causal SDPA call each"
     return "causal SDPA over the examples padded to the longest"
 
 

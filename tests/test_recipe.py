@@ -84,15 +84,20 @@ def test_each_example_in_a_packed_row_has_its_loss_alone(tiny_base, implementati
     [
         ([5, 11, 3], torch.bfloat16, attention.SCORES_BUDGET, {"matmuls": 1, "sdpa": 0}),
         ([5, 11, 3, 8], torch.bfloat16, 6 * 9**2 * 2, {"matmuls": 3, "sdpa": 0}),
-        ([attention.MATH_UP_TO + 9, 4, 7], torch.bfloat16, attention.SCORES_BUDGET, {"matmuls": 1, "sdpa": 1}),
-        ([5, 11, 3], torch.float32, attention.SCORES_BUDGET, {"matmuls": 0, "sdpa": 1}),
+        (
+            [attention.MATH_UP_TO + 9, 4, attention.MATH_UP_TO + 2, 7],
+            torch.bfloat16,
+            attention.SCORES_BUDGET,
+            {"matmuls": 1, "sdpa": 2},
+        ),
+        ([5, 11, 3], torch.float32, attention.SCORES_BUDGET, {"matmuls": 0, "sdpa": 3}),
     ],
     ids=["short-bf16", "short-bf16-small-budget", "mixed-bf16", "short-fp32"],
 )
 def test_packed_attention_equals_the_block_mask_on_cpu_in_matmuls_or_sdpa(monkeypatch, lengths, dtype, budget, calls):
     """bf16 examples of at most MATH_UP_TO tokens are attended in matmuls, in batches whose scores fit the budget;
-    longer ones, and fp32 rows (where PyTorch's CPU flash kernel is as fast), by SDPA's kernel. Each gives the
-    block-mask reference's outputs and gradients (grouped-query heads included)."""
+    longer ones, and fp32 rows (where PyTorch's CPU flash kernel is as fast), by SDPA's kernel, one call per
+    example. Each gives the block-mask reference's outputs and gradients (grouped-query heads included)."""
     counted = {"matmuls": 0, "sdpa": 0}
     sdpa, in_matmuls = attention.F.scaled_dot_product_attention, attention._causal_in_matmuls
 
@@ -136,7 +141,11 @@ def test_attention_batches_take_every_example_once_shortest_first_within_the_bud
             assert len(group) == 1 or len(group) * heads * longest**2 <= attention.SCORES_BUDGET
     assert batches[-1] == ([2, 7], False)  # past MATH_UP_TO: one SDPA batch
     assert len([b for b in batches if b[1]]) > 1  # 150 and 120 do not share a batch with the rest
-    assert attention._batches(lengths, heads, in_matmuls=False) == [(sorted(range(8), key=lengths.__getitem__), False)]
+    shortest_first = sorted(range(8), key=lengths.__getitem__)
+    assert attention._batches(lengths, heads, in_matmuls=False) == [(shortest_first, False)]
+    # CPUs: SDPA one example a call, no padding
+    assert attention._batches(lengths, heads, True, sdpa_per_example=True)[-2:] == [([2], False), ([7], False)]
+    assert attention._batches(lengths, heads, False, sdpa_per_example=True) == [([i], False) for i in shortest_first]
 
 
 def test_trained_logits_loss_equals_the_full_logits_loss_on_a_packed_row(tiny_base):
