@@ -243,7 +243,7 @@ def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu":
         if dtype == torch.float32:
             return "one causal SDPA call per example"
-        return f"examples up to {MATH_UP_TO} tokens in matmuls, padded in batches; longer ones one causal SDPA call each"
+        return f"examples up to {MATH_UP_TO} tokens in matmuls, in padded batches; longer ones one SDPA call each"
     return "causal SDPA over the examples padded to the longest"
 
 
