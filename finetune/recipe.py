@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -249,12 +248,7 @@ def _fused_loss(model: Any, forward: dict[str, Any], keep: torch.Tensor, targets
     return loss.float()
 
 
-HeadLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> summed loss
-
-
-def trained_logits_loss(
-    model: Any, inputs: dict[str, Any], num_items: Any = None, loss_fn: HeadLoss = cross_entropy_sum
-) -> tuple[torch.Tensor, Any]:
+def trained_logits_loss(model: Any, inputs: dict[str, Any], num_items: Any = None) -> tuple[torch.Tensor, Any]:
     """Causal-LM loss computing logits only at positions whose next token is trained.
 
     The 49k-vocabulary head is a fifth of a small model's step, and most packed tokens are prompt tokens; a
@@ -271,7 +265,7 @@ def trained_logits_loss(
     else:
         outputs = model(**forward, use_cache=False, logits_to_keep=keep)
         # squeeze, not [0]: its backward is a view, where selecting row 0 zero-fills a gradient of every logit
-        loss = loss_fn(outputs.logits.squeeze(0), labels[0, keep + 1])
+        loss = cross_entropy_sum(outputs.logits.squeeze(0), labels[0, keep + 1])
     return loss / (num_items if num_items is not None else max(1, keep.numel())), outputs
 
 
@@ -298,7 +292,6 @@ def _trainer_class() -> type:
         """The Trainer with `trained_logits_loss` for packed (single-row) micro-batches, and token-budget rows."""
 
         tokens_per_batch: int | None = None
-        head_loss: HeadLoss = staticmethod(cross_entropy_sum)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             labels = inputs.get("labels")
@@ -306,7 +299,7 @@ def _trainer_class() -> type:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if return_outputs and fused_loss_applies(model, labels.device):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # logits wanted
-            loss, outputs = trained_logits_loss(model, inputs, num_items_in_batch, self.head_loss)
+            loss, outputs = trained_logits_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as the Trainer scales its own token-averaged loss
             return (loss, outputs) if return_outputs else loss
