@@ -20,12 +20,13 @@ the other, for --rounds rounds, the order swapped every round. It prints the CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,21 @@ def median_ms(call: Callable[[], Any], repeats: int = 9) -> float:
     return sorted(times)[repeats // 2] * 1e3
 
 
+def _pytorch_cross_entropy(logits: Any, targets: Any) -> Any:
+    """The summed loss as the recipe computed it before `finetune.cross_entropy`."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
 def loss_alone(compiled: bool) -> None:
     import torch
-    import torch.nn.functional as F
 
     from finetune.cross_entropy import cross_entropy_sum
 
-    def eager(logits: Any, targets: Any) -> Any:
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-    variants = {"F.cross_entropy": eager, "one exponential": cross_entropy_sum}
+    variants = {"F.cross_entropy": _pytorch_cross_entropy, "one exponential": cross_entropy_sum}
     if compiled:
-        variants["compiled F.cross_entropy"] = torch.compile(eager, dynamic=True)
+        variants["compiled F.cross_entropy"] = torch.compile(_pytorch_cross_entropy, dynamic=True)
     generator = torch.Generator().manual_seed(0)
     for positions in (267, 450, 900):
         logits = torch.randn(positions, 49152, generator=generator) * 3  # fp32, as accelerate hands it
@@ -94,33 +98,42 @@ def attention_alone(dtype: Any) -> None:
         print(f"attention {lengths}, {dtype}: " + ", ".join(f"{n} {t:.1f} ms" for n, t in timings.items()))
 
 
-class _sdpa_per_example:
-    """Within it, SDPA takes one example per call on CPUs (the recipe) or one padded batch (before)."""
+@contextlib.contextmanager
+def _sdpa_per_example(on: bool) -> Iterator[None]:
+    """Within it, SDPA takes one example per call on CPUs (the recipe, `on`) or one padded batch (before)."""
+    import finetune.attention as attention
 
-    def __init__(self, on: bool) -> None:
-        import finetune.attention as attention
+    saved = attention._batches
 
-        self.attention, self.on, self.saved = attention, on, attention._batches
+    def batches(lengths: list[int], heads: int, in_matmuls: bool, sdpa_per_example: bool = False) -> Any:
+        return saved(lengths, heads, in_matmuls, sdpa_per_example and on)
 
-    def __enter__(self) -> None:
-        saved, on = self.saved, self.on
+    attention._batches = batches
+    try:
+        yield
+    finally:
+        attention._batches = saved
 
-        def batches(lengths: list[int], heads: int, in_matmuls: bool, sdpa_per_example: bool = False) -> Any:
-            return saved(lengths, heads, in_matmuls, sdpa_per_example and on)
 
-        self.attention._batches = batches
+@contextlib.contextmanager
+def _one_exponential_loss(on: bool) -> Iterator[None]:
+    """Within it, the recipe's loss is `cross_entropy_sum` (`on`) or PyTorch's `F.cross_entropy` (before)."""
+    import finetune.recipe as recipe
 
-    def __exit__(self, *exc: object) -> None:
-        self.attention._batches = self.saved
+    saved = recipe.cross_entropy_sum
+    recipe.cross_entropy_sum = saved if on else _pytorch_cross_entropy
+    try:
+        yield
+    finally:
+        recipe.cross_entropy_sum = saved
+
+
+VARIANTS = {"loss": _one_exponential_loss, "attention": _sdpa_per_example}
 
 
 def in_training(part: str, config: Path, batches: int, rounds: int) -> None:
-    import contextlib
-
-    import torch.nn.functional as F
     from bench_train import build_trainer
 
-    import finetune.recipe as recipe
     from core.config import load_config
     from core.device import choose_device
     from core.schema.job import JobConfig
@@ -137,16 +150,9 @@ def in_training(part: str, config: Path, batches: int, rounds: int) -> None:
     rows = list(itertools.islice(trainer.get_train_dataloader(), batches))
     model = trainer.model
     model.train()
-    ours = recipe.cross_entropy_sum
-
-    def variant(new: bool) -> Any:
-        if part == "attention":
-            return _sdpa_per_example(new)
-        recipe.cross_entropy_sum = ours if new else (lambda x, t: F.cross_entropy(x.float(), t, reduction="sum"))
-        return contextlib.nullcontext()
 
     def train(new: bool) -> float:
-        with variant(new):
+        with VARIANTS[part](new):
             t0 = time.perf_counter()
             for row in rows:
                 trainer.training_step(model, row)
@@ -159,7 +165,6 @@ def in_training(part: str, config: Path, batches: int, rounds: int) -> None:
     for r in range(rounds):
         for new in (False, True) if r % 2 == 0 else (True, False):
             seconds[new].append(train(new))
-    recipe.cross_entropy_sum = ours
     print(f"{part} in training, {batches} micro-batches of 4 examples, {dtype}, {rounds} rounds:")
     print("  before: " + " ".join(f"{s:.2f}" for s in seconds[False]) + " s")
     print("  recipe: " + " ".join(f"{s:.2f}" for s in seconds[True]) + " s")
